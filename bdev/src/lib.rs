@@ -1,0 +1,1 @@
+//! `bdev`: see ../shared/DESIGN.md; filled in by its issue.

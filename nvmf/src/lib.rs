@@ -1,0 +1,1 @@
+//! nvmf: NVMe-oF/TCP target (issue: NVMe-oF/TCP target). Not yet implemented.

@@ -1,0 +1,1 @@
+//! `pdata`: see ../shared/DESIGN.md; filled in by its issue.

@@ -1,0 +1,1 @@
+//! `reactor`: see ../shared/DESIGN.md; filled in by its issue.

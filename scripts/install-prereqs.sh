@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the tests need, idempotently: Debian packages (thin-provisioning-tools for the
+# dm-thin interop tests, fio for the benchmarks) and the Rust components (rustfmt, clippy).
+# Runs as root on Debian 12; with a non-root user it uses sudo when present.
+set -euo pipefail
+
+APT_PKGS=(thin-provisioning-tools fio)
+
+need=()
+for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "install-prereqs: apt-get install ${need[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+for c in rustfmt clippy; do
+    if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        rustup component add "$c"
+    fi
+done
+
+# Fail loudly (not skip) when something is still missing.
+for bin in thin_check thin_dump thin_restore fio; do
+    command -v "$bin" >/dev/null || { echo "install-prereqs: $bin still missing" >&2; exit 1; }
+done

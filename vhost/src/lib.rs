@@ -1,0 +1,1 @@
+//! vhost: vhost-user-blk target (issue: vhost-user-blk target). Not yet implemented.
