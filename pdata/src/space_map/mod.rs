@@ -1,0 +1,3 @@
+//! Space maps: reference counts of metadata and data blocks.
+
+pub mod format;
