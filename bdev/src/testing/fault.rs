@@ -1,0 +1,1 @@
+//! Fault-injecting bdev (filled in below).

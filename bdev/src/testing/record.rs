@@ -1,0 +1,1 @@
+//! Recording bdev (filled in below).

@@ -1,0 +1,532 @@
+//! The uring bdev: a regular file or block device driven through io_uring.
+//!
+//! Each reactor's channel owns its own ring (created on that reactor, polled by the channel's
+//! poll), so no ring is ever shared between threads and completions run on the submitting
+//! reactor. Reads and writes go straight from the caller's buffer (O_DIRECT when the file
+//! system allows it; otherwise buffered, noted in `driver_specific`). Flush is `fdatasync`,
+//! unmap is `fallocate(PUNCH_HOLE|KEEP_SIZE)`, write_zeroes is `fallocate(ZERO_RANGE)` with a
+//! punch-hole fallback where ZERO_RANGE is not supported.
+//!
+//! Invariants: an op's buffer belongs to its `ModuleIo`, which stays in the channel's op slab
+//! until the CQE arrives — even when the channel is dropped (drop waits for every CQE).
+
+pub mod rpc;
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use serde_json::{json, Value};
+
+use crate::bdev::{Bdev, BdevCore, BdevCoreOpts, IoStatus, IoType, Uuid};
+use crate::error::{BdevError, ErrorKind, Result};
+use crate::io::{Completer, ModuleChannel, ModuleIo};
+use crate::module::BdevModule;
+use crate::registry::registry;
+
+/// Module name.
+pub const MODULE_NAME: &str = "uring";
+
+/// Ring size (SQ entries) of each channel; in-flight ops beyond it wait in a backlog.
+pub const RING_ENTRIES: u32 = 256;
+
+/// Options of [`create`].
+#[derive(Debug, Clone)]
+pub struct UringOpts {
+    /// Bdev name.
+    pub name: String,
+    /// Path of the file or block device.
+    pub filename: String,
+    /// Block size; detected if `None` (logical sector size of a block device, 512 for a
+    /// file, raised to 4096 if O_DIRECT refuses 512-byte I/O).
+    pub block_size: Option<u32>,
+    /// UUID (random if `None`).
+    pub uuid: Option<Uuid>,
+}
+
+/// A uring bdev.
+pub struct UringBdev {
+    core: BdevCore,
+    file: Arc<File>,
+    filename: String,
+    o_direct: bool,
+    block_size_given: Option<u32>,
+    is_blockdev: bool,
+    /// Cleared once an fallocate ZERO_RANGE failed with EOPNOTSUPP/EINVAL: punch holes then.
+    zero_range_ok: Arc<AtomicBool>,
+}
+
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+
+fn open_file(path: &str, direct: bool) -> std::io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path)
+}
+
+fn size_bytes(file: &File, is_blockdev: bool) -> std::io::Result<u64> {
+    if !is_blockdev {
+        return Ok(file.metadata()?.len());
+    }
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+fn logical_block_size(file: &File) -> Option<u32> {
+    let mut bs: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which is valid.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut bs as *mut libc::c_int) };
+    (rc == 0 && bs > 0).then_some(bs as u32)
+}
+
+/// Whether an aligned O_DIRECT read of `bs` bytes at offset 0 is accepted.
+fn direct_io_accepts(file: &File, bs: u32, size: u64) -> bool {
+    if size < u64::from(bs) {
+        return true;
+    }
+    let mut buf = crate::IoBuf::new(bs as usize);
+    // SAFETY: buf is a live, writable, aligned allocation of bs bytes.
+    let rc = unsafe { libc::pread(file.as_raw_fd(), buf.as_mut_ptr().cast(), bs as usize, 0) };
+    !(rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL))
+}
+
+struct Opened {
+    file: File,
+    o_direct: bool,
+    block_size: u32,
+    size: u64,
+    is_blockdev: bool,
+}
+
+fn open_backing(filename: &str, block_size: Option<u32>) -> Result<Opened> {
+    let ctx = |what: &str| format!("uring bdev: cannot {what} '{filename}'");
+    let (file, mut o_direct) = match open_file(filename, true) {
+        Ok(f) => (f, true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
+            open_file(filename, false).map_err(|e| BdevError::from_io(ctx("open"), e))?,
+            false,
+        ),
+        Err(e) => return Err(BdevError::from_io(ctx("open"), e)),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| BdevError::from_io(ctx("stat"), e))?;
+    let is_blockdev = meta.file_type().is_block_device();
+    if !is_blockdev && !meta.is_file() {
+        return Err(BdevError::invalid(format!(
+            "uring bdev: '{filename}' is neither a regular file nor a block device"
+        )));
+    }
+    let size = size_bytes(&file, is_blockdev).map_err(|e| BdevError::from_io(ctx("size"), e))?;
+    let detected = if is_blockdev {
+        logical_block_size(&file)
+    } else {
+        None
+    };
+    let mut bs = block_size.or(detected).unwrap_or(512);
+    let mut file = file;
+    if o_direct && !direct_io_accepts(&file, bs, size) {
+        if block_size.is_none() && direct_io_accepts(&file, 4096, size) {
+            bs = 4096;
+        } else {
+            eprintln!(
+                "uring bdev: O_DIRECT refuses {bs}-byte I/O on '{filename}'; using buffered I/O"
+            );
+            file = open_file(filename, false).map_err(|e| BdevError::from_io(ctx("open"), e))?;
+            o_direct = false;
+        }
+    }
+    if !o_direct {
+        eprintln!("uring bdev: '{filename}' does not support O_DIRECT; using buffered I/O");
+    }
+    Ok(Opened {
+        file,
+        o_direct,
+        block_size: bs,
+        size,
+        is_blockdev,
+    })
+}
+
+impl UringBdev {
+    /// Whether the file was opened with O_DIRECT.
+    pub fn o_direct(&self) -> bool {
+        self.o_direct
+    }
+
+    /// Backing path.
+    pub fn filename(&self) -> &str {
+        &self.filename
+    }
+}
+
+impl Bdev for UringBdev {
+    fn core(&self) -> &BdevCore {
+        &self.core
+    }
+
+    fn io_type_supported(&self, _io_type: IoType) -> bool {
+        true
+    }
+
+    fn create_channel(&self, completer: Completer) -> Result<Box<dyn ModuleChannel>> {
+        let ring = IoUring::new(RING_ENTRIES).map_err(|e| {
+            BdevError::from_io(
+                format!("uring bdev '{}': io_uring_setup", self.core.name()),
+                e,
+            )
+        })?;
+        Ok(Box::new(UringChannel {
+            ring,
+            file: self.file.clone(),
+            block_size: u64::from(self.core.block_size()),
+            completer,
+            ops: Vec::new(),
+            free: Vec::new(),
+            backlog: VecDeque::new(),
+            nr_in_kernel: 0,
+            nr_unsubmitted: 0,
+            zero_range_ok: self.zero_range_ok.clone(),
+        }))
+    }
+
+    fn driver_specific(&self) -> Option<(&'static str, Value)> {
+        Some((
+            "uring",
+            json!({ "filename": self.filename, "o_direct": self.o_direct }),
+        ))
+    }
+
+    fn write_config_json(&self) -> Option<Value> {
+        let mut params = json!({
+            "name": self.core.name(),
+            "filename": self.filename,
+            "uuid": self.core.uuid().to_string(),
+        });
+        if let Some(bs) = self.block_size_given {
+            params["block_size"] = json!(bs);
+        }
+        Some(json!({ "method": "bdev_uring_create", "params": params }))
+    }
+}
+
+struct OpEntry {
+    io: ModuleIo,
+    /// Bytes of a read/write already done (short transfers are resubmitted).
+    done_bytes: usize,
+    /// A write_zeroes retried as punch-hole.
+    punch_fallback: bool,
+}
+
+struct UringChannel {
+    ring: IoUring,
+    file: Arc<File>,
+    block_size: u64,
+    completer: Completer,
+    ops: Vec<Option<OpEntry>>,
+    free: Vec<u32>,
+    /// Ops waiting for ring space (slab indexes).
+    backlog: VecDeque<u32>,
+    nr_in_kernel: usize,
+    nr_unsubmitted: usize,
+    zero_range_ok: Arc<AtomicBool>,
+}
+
+const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+impl UringChannel {
+    fn sqe_for(&mut self, idx: u32) -> Option<squeue::Entry> {
+        let fd = types::Fd(self.file.as_raw_fd());
+        let bs = self.block_size;
+        let zero_ok = self.zero_range_ok.load(Ordering::Relaxed);
+        let e = self.ops.get_mut(idx as usize)?.as_mut()?;
+        let off = e.io.offset_blocks() * bs;
+        let len = e.io.num_blocks() * bs;
+        let sqe = match e.io.io_type() {
+            IoType::Read | IoType::Write => {
+                let (ptr, total) = e.io.raw_buf();
+                let rest = total - e.done_bytes;
+                // SAFETY: done_bytes < total, so the pointer stays inside the buffer.
+                let p = unsafe { ptr.add(e.done_bytes) };
+                let n = rest.min(1 << 30) as u32;
+                let pos = off + e.done_bytes as u64;
+                if e.io.io_type() == IoType::Read {
+                    opcode::Read::new(fd, p, n).offset(pos).build()
+                } else {
+                    opcode::Write::new(fd, p, n).offset(pos).build()
+                }
+            }
+            IoType::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            IoType::Unmap => opcode::Fallocate::new(fd, len)
+                .offset(off)
+                .mode(PUNCH)
+                .build(),
+            IoType::WriteZeroes => {
+                let mode = if e.punch_fallback || !zero_ok {
+                    PUNCH
+                } else {
+                    ZERO
+                };
+                opcode::Fallocate::new(fd, len)
+                    .offset(off)
+                    .mode(mode)
+                    .build()
+            }
+            IoType::Reset => opcode::Nop::new().build(),
+        };
+        Some(sqe.user_data(u64::from(idx)))
+    }
+
+    /// Moves backlog ops into the SQ while there is room (SQ and CQ budget).
+    fn fill_sq(&mut self) {
+        while self.nr_in_kernel + self.nr_unsubmitted < RING_ENTRIES as usize {
+            let Some(&idx) = self.backlog.front() else {
+                break;
+            };
+            let Some(sqe) = self.sqe_for(idx) else {
+                self.backlog.pop_front();
+                continue;
+            };
+            // SAFETY: the SQE points into a buffer owned by the op's ModuleIo, which stays in
+            // self.ops until its CQE is reaped (Drop waits for all CQEs).
+            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                break;
+            }
+            self.backlog.pop_front();
+            self.nr_unsubmitted += 1;
+        }
+    }
+
+    fn submit_to_kernel(&mut self) {
+        if self.nr_unsubmitted == 0 {
+            return;
+        }
+        match self.ring.submit() {
+            Ok(n) => {
+                self.nr_unsubmitted -= n.min(self.nr_unsubmitted);
+                self.nr_in_kernel += n;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+            Err(e) => eprintln!("uring bdev: io_uring_enter failed: {e}"),
+        }
+    }
+
+    fn reap(&mut self) -> usize {
+        let mut cqes: [(u64, i32); 64] = [(0, 0); 64];
+        let mut n = 0;
+        for cqe in self.ring.completion().take(cqes.len()) {
+            cqes[n] = (cqe.user_data(), cqe.result());
+            n += 1;
+        }
+        self.nr_in_kernel -= n.min(self.nr_in_kernel);
+        for &(idx, res) in &cqes[..n] {
+            self.on_cqe(idx as u32, res);
+        }
+        n
+    }
+
+    fn on_cqe(&mut self, idx: u32, res: i32) {
+        let Some(entry) = self.ops.get_mut(idx as usize).and_then(|e| e.as_mut()) else {
+            return;
+        };
+        let io_type = entry.io.io_type();
+        if res >= 0 && io_type.has_data() {
+            let total = entry.io.len_bytes();
+            entry.done_bytes += res as usize;
+            if res > 0 && entry.done_bytes < total {
+                self.backlog.push_back(idx);
+                return;
+            }
+        }
+        if io_type == IoType::WriteZeroes
+            && (res == -libc::EOPNOTSUPP || res == -libc::EINVAL)
+            && !entry.punch_fallback
+        {
+            entry.punch_fallback = true;
+            self.zero_range_ok.store(false, Ordering::Relaxed);
+            self.backlog.push_back(idx);
+            return;
+        }
+        let Some(entry) = self.ops.get_mut(idx as usize).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(idx);
+        let status = if res < 0 {
+            IoStatus::Failed(-res)
+        } else if io_type.has_data() && entry.done_bytes < entry.io.len_bytes() {
+            // Transfer ended early (EOF: the file shrank under us).
+            IoStatus::Failed(libc::EIO)
+        } else {
+            IoStatus::Success
+        };
+        self.completer.complete(entry.io, status);
+    }
+}
+
+impl ModuleChannel for UringChannel {
+    fn submit(&mut self, io: ModuleIo) {
+        if io.io_type() == IoType::Reset {
+            // The generic layer holds a reset until the channel has drained.
+            self.completer.complete(io, IoStatus::Success);
+            return;
+        }
+        let entry = OpEntry {
+            io,
+            done_bytes: 0,
+            punch_fallback: false,
+        };
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.ops[i as usize] = Some(entry);
+                i
+            }
+            None => {
+                self.ops.push(Some(entry));
+                (self.ops.len() - 1) as u32
+            }
+        };
+        self.backlog.push_back(idx);
+        self.fill_sq();
+    }
+
+    fn poll(&mut self) -> usize {
+        self.submit_to_kernel();
+        let n = self.reap();
+        if !self.backlog.is_empty() {
+            self.fill_sq();
+            self.submit_to_kernel();
+        }
+        n
+    }
+
+    fn nr_inflight(&self) -> usize {
+        self.ops.len() - self.free.len()
+    }
+}
+
+impl Drop for UringChannel {
+    fn drop(&mut self) {
+        // Buffers of in-flight ops must outlive the kernel's use of them: wait for every CQE.
+        self.backlog.clear();
+        self.submit_to_kernel();
+        while self.nr_in_kernel > 0 {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            let mut n = 0;
+            for _ in self.ring.completion() {
+                n += 1;
+            }
+            self.nr_in_kernel -= n.min(self.nr_in_kernel);
+        }
+        // Ops never handed to the kernel complete as aborted so their buffers go back.
+        for (i, e) in self.ops.iter_mut().enumerate() {
+            if let Some(e) = e.take() {
+                self.free.push(i as u32);
+                self.completer.complete(e.io, IoStatus::Aborted);
+            }
+        }
+    }
+}
+
+/// Creates and registers a uring bdev on `filename`.
+///
+/// Errors: the OS error of open/stat; `EINVAL` if the file is smaller than one block or the
+/// block size is bad; `EEXIST` for a taken name.
+pub fn create(opts: UringOpts) -> Result<Arc<UringBdev>> {
+    let o = open_backing(&opts.filename, opts.block_size)?;
+    let core = BdevCore::new(BdevCoreOpts {
+        name: opts.name,
+        aliases: Vec::new(),
+        uuid: opts.uuid,
+        product_name: "URING bdev",
+        module_name: MODULE_NAME,
+        block_size: o.block_size,
+        num_blocks: o.size / u64::from(o.block_size),
+        optimal_io_boundary: 0,
+        write_cache: true,
+    })?;
+    let bdev = Arc::new(UringBdev {
+        core,
+        file: Arc::new(o.file),
+        filename: opts.filename,
+        o_direct: o.o_direct,
+        block_size_given: opts.block_size,
+        is_blockdev: o.is_blockdev,
+        zero_range_ok: Arc::new(AtomicBool::new(true)),
+    });
+    registry().register(bdev.clone())?;
+    let mut l = URING_BDEVS.lock().unwrap_or_else(|e| e.into_inner());
+    l.retain(|w| w.strong_count() > 0);
+    l.push(Arc::downgrade(&bdev));
+    Ok(bdev)
+}
+
+fn lookup_uring(name: &str) -> Result<Arc<dyn Bdev>> {
+    match registry().lookup(name) {
+        Some(b) if b.core().module_name() == MODULE_NAME => Ok(b),
+        _ => Err(BdevError::new(
+            ErrorKind::NotFound,
+            format!("no uring bdev named '{name}'"),
+        )),
+    }
+}
+
+/// Deletes (hot-removes) the uring bdev `name`. Errors: `ENODEV`.
+pub fn delete(name: &str) -> Result<()> {
+    lookup_uring(name)?;
+    registry().unregister(name).map(|_| ())
+}
+
+/// Re-reads the backing size of the uring bdev `name` and, if it changed, resizes the bdev
+/// and sends a resize event to open descriptors. Returns the new number of blocks.
+///
+/// Errors: `ENODEV`; the OS error of stat; `EBUSY` if it shrank while open.
+pub fn rescan(name: &str) -> Result<u64> {
+    let uring = registry_uring(name)?;
+    let core = uring.core();
+    let size = size_bytes(&uring.file, uring.is_blockdev)
+        .map_err(|e| BdevError::from_io(format!("uring bdev '{name}': size"), e))?;
+    let blocks = size / u64::from(core.block_size());
+    if blocks != core.num_blocks() {
+        core.notify_resize(blocks)?;
+    }
+    Ok(blocks)
+}
+
+static URING_BDEVS: std::sync::Mutex<Vec<std::sync::Weak<UringBdev>>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn registry_uring(name: &str) -> Result<Arc<UringBdev>> {
+    let l = URING_BDEVS.lock().unwrap_or_else(|e| e.into_inner());
+    l.iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .find(|b| b.core.name() == name && b.core.lock().registered)
+        .ok_or_else(|| BdevError::new(ErrorKind::NotFound, format!("no uring bdev named '{name}'")))
+}
+
+/// The uring module.
+pub struct UringModule;
+
+impl BdevModule for UringModule {
+    fn name(&self) -> &'static str {
+        MODULE_NAME
+    }
+}
