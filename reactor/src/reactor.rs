@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -101,6 +101,9 @@ pub struct ReactorStats {
     pub uptime: Duration,
     /// Whether the reactor sleeps when idle.
     pub interrupt_mode: bool,
+    /// Ring ops in flight as of the reactor's last idle tick; after the reactor stopped, the
+    /// ops its shutdown drain could not complete (0 when the slab was emptied).
+    pub nr_ops_in_flight: usize,
 }
 
 impl ReactorStats {
@@ -134,6 +137,8 @@ pub(crate) struct ReactorShared {
     pub(crate) eventfd: Option<OwnedFd>,
     busy_ticks: AtomicU64,
     idle_ticks: AtomicU64,
+    /// Ring ops in flight, published on idle ticks and after the shutdown drain.
+    nr_ops_in_flight: AtomicUsize,
     tid: AtomicI32,
 }
 
@@ -158,6 +163,7 @@ impl ReactorShared {
             eventfd,
             busy_ticks: AtomicU64::new(0),
             idle_ticks: AtomicU64::new(0),
+            nr_ops_in_flight: AtomicUsize::new(0),
             tid: AtomicI32::new(0),
         })
     }
@@ -220,6 +226,7 @@ impl Shared {
             cpu_time,
             uptime: self.started.elapsed(),
             interrupt_mode: self.interrupt_mode,
+            nr_ops_in_flight: reactor.nr_ops_in_flight.load(Ordering::Relaxed),
         }
     }
 }
@@ -302,9 +309,16 @@ impl Core {
         busy |= msg::run_batch(self);
         busy |= self.ring.poll();
         let me = self.me();
-        let counter = if busy { &me.busy_ticks } else { &me.idle_ticks };
         // Single writer: a plain load/store avoids a locked instruction per tick.
-        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        if busy {
+            me.busy_ticks
+                .store(me.busy_ticks.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        } else {
+            me.idle_ticks
+                .store(me.idle_ticks.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            me.nr_ops_in_flight
+                .store(self.ring.nr_in_flight(), Ordering::Relaxed);
+        }
         busy
     }
 
@@ -335,6 +349,8 @@ impl Core {
         let pollers = self.pollers.borrow_mut().clear();
         drop(pollers);
         self.ring.drain();
+        me.nr_ops_in_flight
+            .store(self.ring.nr_in_flight(), Ordering::SeqCst);
         msg::drop_queued(me);
         let bufs = self.pool.borrow_mut().close();
         drop(bufs);

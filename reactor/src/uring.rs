@@ -105,6 +105,8 @@ struct RingInner {
     closing: Cell<bool>,
     nr_enters: Cell<u64>,
     nr_completed: Cell<u64>,
+    /// SQEs were pushed since the last enter (skips touching the SQ on idle ticks).
+    sq_dirty: Cell<bool>,
 }
 
 /// Handle on one reactor's ring. `!Send`: use it on its reactor only.
@@ -185,6 +187,7 @@ impl Ring {
                 closing: Cell::new(false),
                 nr_enters: Cell::new(0),
                 nr_completed: Cell::new(0),
+                sq_dirty: Cell::new(false),
             }),
         }
     }
@@ -222,11 +225,13 @@ impl Ring {
             Backend::Uring { ring, backlog } => {
                 let sqe = build_sqe(&mut entry).user_data(user_data);
                 entry.state = push_sqe(ring, backlog, sqe, &inner.nr_enters);
+                inner.sq_dirty.set(true);
             }
             Backend::Sync { done } => {
                 let result = execute_sync(&mut entry.op);
                 entry.state = OpState::Waiting;
                 done.push_back((user_data, result));
+                inner.sq_dirty.set(true);
             }
         }
         let key = ops.insert(entry);
@@ -364,6 +369,15 @@ impl Ring {
     /// Enters the kernel for queued SQEs (once) and runs up to [`REAP_BATCH`] completion
     /// callbacks. Called by the reactor loop every tick. Returns true if anything completed.
     pub(crate) fn poll(&self) -> bool {
+        let inner = &*self.inner;
+        // Fast path for the common idle tick: nothing queued, nothing the kernel could post.
+        if !inner.sq_dirty.get()
+            && inner.ops.borrow().is_empty()
+            && inner.nr_cancels.get() == 0
+            && !inner.eventfd_armed.get()
+        {
+            return false;
+        }
         self.submit_pending();
         self.reap() > 0
     }
@@ -380,6 +394,7 @@ impl Ring {
             return;
         };
         flush_backlog(ring, backlog);
+        inner.sq_dirty.set(!backlog.is_empty());
         inner.nr_enters.set(inner.nr_enters.get() + 1);
         let result = match timeout {
             Some(t) => {
@@ -401,10 +416,18 @@ impl Ring {
         let inner = &*self.inner;
         let mut backend = inner.backend.borrow_mut();
         let Backend::Uring { ring, backlog } = &mut *backend else {
+            inner.sq_dirty.set(false);
             return;
         };
         flush_backlog(ring, backlog);
-        if ring.submission().is_empty() {
+        inner.sq_dirty.set(!backlog.is_empty());
+        let idle = {
+            let sq = ring.submission();
+            // Overflowed CQEs (kept by the kernel when the CQ was full) are flushed only by
+            // an enter: do one even with nothing to submit.
+            sq.is_empty() && !sq.cq_overflow() && !sq.taskrun()
+        };
+        if idle {
             return;
         }
         inner.nr_enters.set(inner.nr_enters.get() + 1);
@@ -489,6 +512,7 @@ impl Ring {
                 .build()
                 .user_data(EVENTFD_POLL);
             push_sqe(ring, backlog, sqe, &inner.nr_enters);
+            inner.sq_dirty.set(true);
             inner.eventfd_armed.set(true);
         }
     }
@@ -499,6 +523,7 @@ impl Ring {
         if let Backend::Uring { ring, backlog } = &mut *backend {
             let sqe = opcode::AsyncCancel::new(target).build().user_data(CANCEL);
             push_sqe(ring, backlog, sqe, &inner.nr_enters);
+            inner.sq_dirty.set(true);
             inner.nr_cancels.set(inner.nr_cancels.get() + 1);
         }
     }
@@ -544,12 +569,12 @@ impl Ring {
             }
         }
         if !self.is_drained() {
-            let leaked = std::mem::take(&mut *inner.ops.borrow_mut());
+            // Keep them in the slab (so nr_in_flight reports them); RingInner's Drop leaks
+            // them instead of freeing memory the kernel may still write.
             eprintln!(
                 "reactor: {} ring ops did not complete at shutdown; leaking their buffers",
-                leaked.len()
+                inner.ops.borrow().len()
             );
-            std::mem::forget(leaked);
         }
     }
 }

@@ -1,0 +1,721 @@
+//! Functional tests of real reactor threads. Every test in `suite` runs twice: in poll mode
+//! (`poll::*`) and in interrupt mode (`interrupt::*`).
+//!
+//! Runtime tests are serialized with a lock: the machine has two cores, and several
+//! poll-mode runtimes spinning at once would only measure the scheduler.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use reactor::{CoreMask, Runtime, RuntimeHandle, RuntimeOptions};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn options(nr_reactors: usize, interrupt_mode: bool) -> RuntimeOptions {
+    let mut opts = RuntimeOptions::new(CoreMask::from_cores(0..nr_reactors).unwrap());
+    opts.interrupt_mode = interrupt_mode;
+    // Tests must not depend on how many cores the machine has.
+    opts.pin_threads = false;
+    opts
+}
+
+/// Starts a runtime, runs `test` on this (non-reactor) thread with its handle, stops, joins.
+fn with_runtime<R>(opts: RuntimeOptions, test: impl FnOnce(&RuntimeHandle) -> R) -> R {
+    let _serial = serial();
+    let runtime = Runtime::start(opts, || {}).expect("runtime starts");
+    let handle = runtime.handle();
+    let result = test(&handle);
+    handle.stop();
+    runtime.join().expect("reactors exit cleanly");
+    result
+}
+
+/// Polls `cond` on this thread until true or `timeout`; panics with `what` on timeout.
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+mod suite {
+    use std::cell::{Cell, RefCell};
+    use std::collections::HashMap;
+    use std::os::fd::AsRawFd;
+    use std::rc::Rc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use reactor::{
+        Completion, CompletionHandler, DmaBuf, Fd, IoDevice, OnComplete, Op, PollStatus, ReactorId,
+    };
+
+    use super::{options, wait_until, with_runtime};
+
+    const R0: ReactorId = ReactorId::new(0);
+    const R1: ReactorId = ReactorId::new(1);
+
+    thread_local! {
+        /// Per reactor thread: sender -> next expected sequence number.
+        static EXPECTED: RefCell<HashMap<u32, u64>> = RefCell::new(HashMap::new());
+        static RECEIVED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn receive(sender: u32, seq: u64) {
+        EXPECTED.with(|e| {
+            let mut e = e.borrow_mut();
+            let next = e.entry(sender).or_insert(0);
+            assert_eq!(
+                seq, *next,
+                "message from {sender} out of order or duplicated"
+            );
+            *next += 1;
+        });
+        RECEIVED.with(|r| r.set(r.get() + 1));
+    }
+
+    /// Both reactors stream numbered messages to each other and to themselves from a poller
+    /// (100 per tick), while the main thread streams to both: every message arrives exactly
+    /// once and in order per sender.
+    pub fn messages_exactly_once_in_order(interrupt_mode: bool) {
+        const N: u64 = 20_000;
+        with_runtime(options(2, interrupt_mode), |h| {
+            for id in [R0, R1] {
+                h.call(id, move || {
+                    let me = reactor::current();
+                    let other = ReactorId::new(1 - me.index() as u32);
+                    let sent = Rc::new(Cell::new(0u64));
+                    let handle = Rc::new(Cell::new(None));
+                    let handle2 = handle.clone();
+                    let p = reactor::register_poller("sender", move || {
+                        for _ in 0..100 {
+                            let seq = sent.get();
+                            if seq == N {
+                                let h: Option<reactor::PollerHandle> = handle2.get();
+                                h.expect("handle set").unregister();
+                                return PollStatus::Idle;
+                            }
+                            let from = me.index() as u32;
+                            reactor::send_msg(other, move || receive(from, seq));
+                            reactor::send_msg(me, move || receive(from + 10, seq));
+                            sent.set(seq + 1);
+                        }
+                        PollStatus::Busy
+                    });
+                    handle.set(Some(p));
+                })
+                .unwrap();
+            }
+            for seq in 0..N {
+                h.send_msg(R0, move || receive(99, seq));
+                h.send_msg(R1, move || receive(99, seq));
+            }
+            let expected_total = 3 * N;
+            for id in [R0, R1] {
+                wait_until("all messages", Duration::from_secs(30), || {
+                    h.call(id, || RECEIVED.with(Cell::get)).unwrap() == expected_total
+                });
+                let per_sender = h
+                    .call(id, || EXPECTED.with(|e| e.borrow().clone()))
+                    .unwrap();
+                assert_eq!(per_sender.len(), 3);
+                assert!(per_sender.values().all(|&n| n == N), "{per_sender:?}");
+            }
+        });
+    }
+
+    /// `call` runs on the target reactor and returns its value; the context functions work.
+    pub fn call_and_context(interrupt_mode: bool) {
+        with_runtime(options(2, interrupt_mode), |h| {
+            assert_eq!(h.nr_reactors(), 2);
+            assert_eq!(h.call(R1, reactor::current).unwrap(), R1);
+            assert_eq!(h.call(R0, reactor::nr_reactors).unwrap(), 2);
+            assert_eq!(h.call(R1, || reactor::core_of(R1)).unwrap(), 1);
+            assert_eq!(
+                h.call(R0, reactor::is_interrupt_mode).unwrap(),
+                interrupt_mode
+            );
+            assert!(reactor::try_current().is_none());
+        });
+    }
+
+    /// An active poller runs every tick; a periodic one at its period; a timer after its
+    /// delay and not before; a cancelled timer never.
+    pub fn pollers_periodic_pollers_and_timers(interrupt_mode: bool) {
+        let fired = Arc::new(Mutex::new(Vec::<(&str, Duration)>::new()));
+        let log = fired.clone();
+        with_runtime(options(1, interrupt_mode), |h| {
+            let a_count = Arc::new(AtomicUsize::new(0));
+            let a = a_count.clone();
+            h.call(R0, move || {
+                let start = Instant::now();
+                let p = Rc::new(Cell::new(0u32));
+                let me: Rc<Cell<Option<reactor::PollerHandle>>> = Rc::default();
+                let me2 = me.clone();
+                me.set(Some(reactor::register_poller("count", move || {
+                    if a.fetch_add(1, Ordering::SeqCst) + 1 == 1000 {
+                        me2.get().unwrap().unregister();
+                    }
+                    PollStatus::Busy
+                })));
+                reactor::register_periodic_poller("tick", Duration::from_millis(5), move || {
+                    p.set(p.get() + 1);
+                    PollStatus::Busy
+                });
+                let l = log.clone();
+                reactor::after(Duration::from_millis(30), move || {
+                    l.lock().unwrap().push(("timer", start.elapsed()));
+                });
+                let l = log.clone();
+                let cancelled = reactor::after(Duration::from_millis(10), move || {
+                    l.lock().unwrap().push(("cancelled", start.elapsed()));
+                });
+                assert!(cancelled.cancel());
+                assert!(!cancelled.cancel());
+            })
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            let (active, periodic) = h
+                .call(R0, || {
+                    let infos = reactor::poller::pollers();
+                    let active = infos.iter().find(|i| i.name == "count").map(|i| i.nr_runs);
+                    let periodic = infos.iter().find(|i| i.name == "tick").map(|i| i.nr_runs);
+                    (active, periodic)
+                })
+                .unwrap();
+            assert_eq!(active, None, "the self-unregistered poller is gone");
+            assert_eq!(a_count.load(Ordering::SeqCst), 1000);
+            let periodic = periodic.expect("periodic poller still registered");
+            // 200 ms at a 5 ms period: at most 40 runs; at least a few even on a loaded box.
+            assert!(
+                (3..=41).contains(&periodic),
+                "periodic poller ran {periodic} times"
+            );
+        });
+        let fired = fired.lock().unwrap();
+        assert_eq!(fired.len(), 1, "{fired:?}");
+        assert_eq!(fired[0].0, "timer");
+        assert!(fired[0].1 >= Duration::from_millis(30), "{fired:?}");
+    }
+
+    /// A poller unregisters itself and a poller that runs after it in the same tick; neither
+    /// runs again, not even later in that tick. A poller registered from inside a poller runs
+    /// from the next tick on, and may unregister itself on its first run.
+    pub fn deferred_unregistration(interrupt_mode: bool) {
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let l0 = log.clone();
+        with_runtime(options(1, interrupt_mode), |h| {
+            h.call(R0, move || {
+                let hb: Rc<Cell<Option<reactor::PollerHandle>>> = Rc::default();
+                let ha: Rc<Cell<Option<reactor::PollerHandle>>> = Rc::default();
+                let n = Rc::new(Cell::new(0));
+                let (l, hb2, ha2, n2) = (l0.clone(), hb.clone(), ha.clone(), n.clone());
+                ha.set(Some(reactor::register_poller("a", move || {
+                    n2.set(n2.get() + 1);
+                    l.lock().unwrap().push(format!("a{}", n2.get()));
+                    if n2.get() == 2 {
+                        hb2.get().unwrap().unregister();
+                        ha2.get().unwrap().unregister();
+                        ha2.get().unwrap().unregister(); // idempotent
+                        let hc: Rc<Cell<Option<reactor::PollerHandle>>> = Rc::default();
+                        let (l2, hc2) = (l.clone(), hc.clone());
+                        hc.set(Some(reactor::register_poller("c", move || {
+                            l2.lock().unwrap().push("c".into());
+                            hc2.get().unwrap().unregister();
+                            PollStatus::Busy
+                        })));
+                        l.lock().unwrap().push("registered c".into());
+                    }
+                    PollStatus::Busy
+                })));
+                let (l, n3) = (l0.clone(), n.clone());
+                hb.set(Some(reactor::register_poller("b", move || {
+                    l.lock().unwrap().push(format!("b{}", n3.get()));
+                    PollStatus::Busy
+                })));
+            })
+            .unwrap();
+            wait_until("pollers gone", Duration::from_secs(5), || {
+                h.call(R0, || reactor::poller::pollers().is_empty())
+                    .unwrap()
+            });
+        });
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["a1", "b1", "a2", "registered c", "c"]
+        );
+    }
+
+    /// Write, read back, vectored I/O, fsync, punch hole, and an error result, on a temp file
+    /// through the reactor's io_uring.
+    pub fn uring_file_round_trip(interrupt_mode: bool) {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(64 * 1024).unwrap();
+        let fd = file.as_raw_fd();
+        let results = Arc::new(Mutex::new(Vec::<String>::new()));
+        let out = results.clone();
+        with_runtime(options(1, interrupt_mode), |h| {
+            h.call(R0, move || {
+                let ring = reactor::ring();
+                let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+                let buf = DmaBuf::from_slice(&pattern);
+                assert_eq!(buf.as_ptr() as usize % reactor::DMA_ALIGN, 0);
+                let ring2 = ring.clone();
+                let out2 = out.clone();
+                ring.write_at(fd, 4096, buf, move |res, buf| {
+                    assert_eq!(res.unwrap(), 8192);
+                    drop(buf);
+                    let ring3 = ring2.clone();
+                    ring2
+                        .fsync(fd, true, move |res| {
+                            res.unwrap();
+                            ring3
+                                .read_at(fd, 4096, DmaBuf::alloc(8192), move |res, buf| {
+                                    assert_eq!(res.unwrap(), 8192);
+                                    assert_eq!(&buf[..], &pattern[..]);
+                                    out2.lock().unwrap().push("read".into());
+                                })
+                                .unwrap();
+                        })
+                        .unwrap();
+                })
+                .unwrap();
+            })
+            .unwrap();
+            wait_until("read back", Duration::from_secs(5), || {
+                !results.lock().unwrap().is_empty()
+            });
+            let out = results.clone();
+            h.call(R0, move || {
+                let ring = reactor::ring();
+                let bufs = vec![
+                    DmaBuf::from_slice(&[1u8; 4096]),
+                    DmaBuf::from_slice(&[2u8; 4096]),
+                ];
+                let ring2 = ring.clone();
+                let op = Op::Writev {
+                    fd: Fd::Raw(fd),
+                    offset: 32768,
+                    bufs,
+                };
+                ring.submit(
+                    op,
+                    OnComplete::closure(move |c: Completion| {
+                        assert_eq!(c.io_result().unwrap(), 8192);
+                        let bufs = vec![DmaBuf::alloc(4096), DmaBuf::alloc(4096)];
+                        let op = Op::Readv {
+                            fd: Fd::Raw(fd),
+                            offset: 32768,
+                            bufs,
+                        };
+                        ring2
+                            .submit(
+                                op,
+                                OnComplete::closure(move |c: Completion| {
+                                    assert_eq!(c.io_result().unwrap(), 8192);
+                                    let bufs = c.into_bufs();
+                                    assert!(bufs[0].iter().all(|&b| b == 1));
+                                    assert!(bufs[1].iter().all(|&b| b == 2));
+                                    out.lock().unwrap().push("vectored".into());
+                                }),
+                            )
+                            .unwrap();
+                    }),
+                )
+                .unwrap();
+            })
+            .unwrap();
+            wait_until("vectored", Duration::from_secs(5), || {
+                results.lock().unwrap().len() == 2
+            });
+            let out = results.clone();
+            h.call(R0, move || {
+                let ring = reactor::ring();
+                let ring2 = ring.clone();
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let out2 = out.clone();
+                ring.fallocate(fd, mode, 4096, 4096, move |res| {
+                    res.unwrap();
+                    ring2
+                        .read_at(fd, 4096, DmaBuf::alloc(8192), move |res, buf| {
+                            assert_eq!(res.unwrap(), 8192);
+                            assert!(buf[..4096].iter().all(|&b| b == 0), "hole reads zeros");
+                            assert!(buf[4096..].iter().any(|&b| b != 0), "rest untouched");
+                            out2.lock().unwrap().push("punched".into());
+                        })
+                        .unwrap();
+                })
+                .unwrap();
+                ring.read_at(-1, 0, DmaBuf::alloc(512), move |res, _buf| {
+                    assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::EBADF));
+                    out.lock().unwrap().push("ebadf".into());
+                })
+                .unwrap();
+            })
+            .unwrap();
+            wait_until("punch + ebadf", Duration::from_secs(5), || {
+                results.lock().unwrap().len() == 4
+            });
+            let in_flight = h.call(R0, || reactor::ring().nr_in_flight()).unwrap();
+            assert_eq!(in_flight, 0);
+        });
+        drop(file);
+    }
+
+    struct Counter {
+        total: Cell<u64>,
+        tags: RefCell<Vec<u64>>,
+    }
+
+    impl CompletionHandler for Counter {
+        fn complete(&self, tag: u64, completion: Completion) {
+            assert_eq!(completion.result, 0);
+            self.total.set(self.total.get() + 1);
+            self.tags.borrow_mut().push(tag);
+        }
+    }
+
+    /// Ops completing through a shared handler get their tags; more submissions than SQ
+    /// entries go through (full SQ is submitted and retried); past max_in_flight the ring
+    /// hands the op back.
+    pub fn handler_batching_and_limits(interrupt_mode: bool) {
+        let mut opts = options(1, interrupt_mode);
+        opts.ring_entries = 8;
+        opts.max_in_flight = 64;
+        with_runtime(opts, |h| {
+            h.call(R0, || {
+                let counter = Rc::new(Counter {
+                    total: Cell::new(0),
+                    tags: RefCell::new(Vec::new()),
+                });
+                let ring = reactor::ring();
+                for tag in 0..64 {
+                    ring.submit(Op::Nop, OnComplete::handler(counter.clone(), tag))
+                        .unwrap();
+                }
+                let rejected = ring.submit(Op::Nop, OnComplete::Ignore).unwrap_err();
+                assert!(matches!(rejected.op, Op::Nop));
+                let c = counter.clone();
+                reactor::register_poller("wait", move || {
+                    if c.total.get() == 64 {
+                        let mut tags = c.tags.borrow().clone();
+                        tags.sort_unstable();
+                        assert_eq!(tags, (0..64).collect::<Vec<_>>());
+                        c.total.set(1000);
+                    }
+                    PollStatus::Idle
+                });
+            })
+            .unwrap();
+            wait_until("64 nops", Duration::from_secs(5), || {
+                h.call(R0, || reactor::ring().nr_in_flight()).unwrap() == 0
+            });
+        });
+    }
+
+    /// An abandoned read keeps its buffer until its CQE: the buffer goes back to the pool only
+    /// then, and holds what the kernel wrote if the read won the race with the cancel.
+    pub fn abandoned_op_keeps_buffer_until_cqe(interrupt_mode: bool) {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let [rd, wr] = fds;
+        with_runtime(options(1, interrupt_mode), |h| {
+            let (id, ptr) = h
+                .call(R0, move || {
+                    let mut buf = DmaBuf::new(512);
+                    buf.fill(0);
+                    let ptr = buf.as_ptr() as usize;
+                    let id = reactor::ring()
+                        .read_at(rd, 0, buf, |_, _| panic!("abandoned callback must not run"))
+                        .unwrap();
+                    (id, ptr)
+                })
+                .unwrap();
+            // Let the reactor enter the read into the kernel.
+            wait_until("read in kernel", Duration::from_secs(5), || {
+                h.call(R0, move || reactor::ring().op_state(id))
+                    .unwrap()
+                    .is_some_and(|s| s == reactor::op::OpState::Waiting)
+                    || !cfg!(debug_assertions)
+            });
+            std::thread::sleep(Duration::from_millis(5));
+            let pooled_before = h
+                .call(R0, move || {
+                    let ring = reactor::ring();
+                    // SAFETY: writes 512 bytes from a valid array to our pipe.
+                    let n = unsafe { libc::write(wr, [0xABu8; 512].as_ptr().cast(), 512) };
+                    assert_eq!(n, 512);
+                    assert!(ring.abandon(id));
+                    assert!(!ring.abandon(id), "second abandon is a no-op");
+                    assert_eq!(ring.nr_in_flight(), 1, "op stays in the slab until its CQE");
+                    reactor::buf::pool_nr_free()
+                })
+                .unwrap();
+            wait_until("abandoned CQE", Duration::from_secs(5), || {
+                h.call(R0, || reactor::ring().nr_in_flight()).unwrap() == 0
+            });
+            let (same_ptr, contents, pooled_after) = h
+                .call(R0, move || {
+                    let after = reactor::buf::pool_nr_free();
+                    let buf = DmaBuf::alloc(512);
+                    (buf.as_ptr() as usize == ptr, buf.to_vec(), after)
+                })
+                .unwrap();
+            assert_eq!(
+                pooled_after,
+                pooled_before + 1,
+                "buffer returned at the CQE"
+            );
+            assert!(same_ptr, "the pool got the op's own buffer back");
+            let mut rest = [0u8; 512];
+            // SAFETY: nonblocking read into a valid local buffer.
+            let left = unsafe {
+                libc::fcntl(rd, libc::F_SETFL, libc::O_NONBLOCK);
+                libc::read(rd, rest.as_mut_ptr().cast(), 512)
+            };
+            if left == 512 {
+                assert!(
+                    contents.iter().all(|&b| b == 0),
+                    "cancelled read left buffer alone"
+                );
+            } else {
+                assert!(
+                    contents.iter().all(|&b| b == 0xAB),
+                    "kernel wrote into the buffer"
+                );
+            }
+        });
+        // SAFETY: closing fds we own.
+        unsafe {
+            libc::close(rd);
+            libc::close(wr);
+        }
+    }
+
+    /// A read that never completes is cancelled and reaped at shutdown: the slab is empty.
+    pub fn slab_empty_at_shutdown(interrupt_mode: bool) {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let rd = fds[0];
+        let handle = with_runtime(options(1, interrupt_mode), |h| {
+            h.call(R0, move || {
+                for _ in 0..4 {
+                    reactor::ring()
+                        .read_at(rd, 0, DmaBuf::alloc(64), |_, _| {})
+                        .unwrap();
+                }
+            })
+            .unwrap();
+            wait_until("ops in flight", Duration::from_secs(5), || {
+                h.stats()[0].nr_ops_in_flight == 4
+            });
+            h.clone()
+        });
+        assert_eq!(handle.stats()[0].nr_ops_in_flight, 0, "drained at shutdown");
+        // After the runtime stopped, calls fail instead of hanging.
+        assert!(matches!(
+            handle.call(R0, || 1),
+            Err(reactor::Error::Stopped)
+        ));
+        // SAFETY: closing fds we own.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+    }
+
+    /// Channels are created lazily per reactor, shared by clones, destroyed with the last
+    /// reference; for_each_channel visits reactors that have one; for_each_reactor visits all
+    /// in order and completes on the caller.
+    pub fn io_channels_and_for_each(interrupt_mode: bool) {
+        let created = Arc::new(AtomicUsize::new(0));
+        let destroyed = Arc::new(AtomicUsize::new(0));
+        struct Chan {
+            destroyed: Arc<AtomicUsize>,
+            hits: Cell<u32>,
+        }
+        impl Drop for Chan {
+            fn drop(&mut self) {
+                self.destroyed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let (c, d) = (created.clone(), destroyed.clone());
+        let dev = IoDevice::new("test_dev", move || {
+            c.fetch_add(1, Ordering::SeqCst);
+            Chan {
+                destroyed: d.clone(),
+                hits: Cell::new(0),
+            }
+        });
+        let visits = Arc::new(Mutex::new(Vec::new()));
+        with_runtime(options(2, interrupt_mode), |h| {
+            let dev1 = dev.clone();
+            h.call(R1, move || {
+                let a = dev1.channel();
+                let b = dev1.channel();
+                assert!(a.ptr_eq(&b));
+                assert_eq!(a.reactor(), R1);
+                // Keep one reference alive on reactor 1 in a thread local.
+                KEEP.with(|k| *k.borrow_mut() = Some(Box::new(a)));
+            })
+            .unwrap();
+            assert_eq!(created.load(Ordering::SeqCst), 1);
+            let (dev0, v) = (dev.clone(), visits.clone());
+            h.call(R0, move || {
+                let done_on = Arc::new(Mutex::new(None));
+                let d2 = done_on.clone();
+                let v2 = v.clone();
+                dev0.for_each_channel(
+                    move |ch| {
+                        ch.hits.set(ch.hits.get() + 1);
+                        v2.lock().unwrap().push(("chan", reactor::current()));
+                    },
+                    move || *d2.lock().unwrap() = Some(reactor::current()),
+                );
+                let _ = done_on;
+                let v3 = v.clone();
+                reactor::for_each_reactor(
+                    move || v3.lock().unwrap().push(("reactor", reactor::current())),
+                    move || v.lock().unwrap().push(("done", reactor::current())),
+                );
+            })
+            .unwrap();
+            wait_until("for_each done", Duration::from_secs(5), || {
+                visits.lock().unwrap().iter().any(|(k, _)| *k == "done")
+            });
+            let dev1 = dev.clone();
+            h.call(R1, move || {
+                assert_eq!(dev1.existing_channel().unwrap().hits.get(), 1);
+                KEEP.with(|k| k.borrow_mut().take());
+                assert!(dev1.existing_channel().is_none(), "last reference dropped");
+            })
+            .unwrap();
+            assert_eq!(destroyed.load(Ordering::SeqCst), 1);
+        });
+        // The two walks run concurrently; each is ordered.
+        let visits = visits.lock().unwrap();
+        let of = |kind: &str| -> Vec<ReactorId> {
+            visits
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|&(_, r)| r)
+                .collect()
+        };
+        assert_eq!(of("chan"), [R1], "only reactor 1 has a channel");
+        assert_eq!(of("reactor"), [R0, R1]);
+        assert_eq!(of("done"), [R0]);
+        assert_eq!(visits.last(), Some(&("done", R0)), "{visits:?}");
+    }
+
+    thread_local! {
+        static KEEP: RefCell<Option<Box<dyn std::any::Any>>> = RefCell::new(None);
+    }
+
+    /// The DmaBuf pool recycles buffers on the reactor.
+    pub fn dma_buf_pool(interrupt_mode: bool) {
+        with_runtime(options(1, interrupt_mode), |h| {
+            h.call(R0, || {
+                let base = reactor::buf::pool_nr_free();
+                let a = DmaBuf::alloc(5000);
+                assert_eq!(a.len(), 5000);
+                assert_eq!(a.capacity(), 8192);
+                let ptr = a.as_ptr();
+                drop(a);
+                assert_eq!(reactor::buf::pool_nr_free(), base + 1);
+                let b = DmaBuf::alloc(8192);
+                assert_eq!(b.as_ptr(), ptr, "recycled");
+                assert_eq!(reactor::buf::pool_nr_free(), base);
+            })
+            .unwrap();
+        });
+    }
+}
+
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod poll {
+            $(#[test] fn $name() { super::suite::$name(false) })*
+        }
+        mod interrupt {
+            $(#[test] fn $name() { super::suite::$name(true) })*
+        }
+    };
+}
+
+both_modes!(
+    messages_exactly_once_in_order,
+    call_and_context,
+    pollers_periodic_pollers_and_timers,
+    deferred_unregistration,
+    uring_file_round_trip,
+    handler_batching_and_limits,
+    abandoned_op_keeps_buffer_until_cqe,
+    slab_empty_at_shutdown,
+    io_channels_and_for_each,
+    dma_buf_pool,
+);
+
+#[test]
+fn unavailable_core_is_an_error() {
+    let opts = RuntimeOptions::new(CoreMask::parse("[1000]").unwrap());
+    match Runtime::start(opts, || {}) {
+        Err(reactor::Error::CoreUnavailable { core: 1000 }) => {}
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("started on a core that does not exist"),
+    }
+}
+
+#[test]
+fn pinned_reactor_runs_on_its_core() {
+    let core = *reactor::cpu::available_cores().last().expect("some core");
+    let mut opts = RuntimeOptions::new(CoreMask::from_cores([core]).unwrap());
+    opts.interrupt_mode = true;
+    let on = with_runtime(opts, |h| {
+        // SAFETY: sched_getcpu has no preconditions.
+        h.call(reactor::ReactorId::new(0), || unsafe {
+            libc::sched_getcpu()
+        })
+        .unwrap()
+    });
+    assert_eq!(on, core as i32);
+}
+
+#[test]
+fn reactor_panic_stops_runtime_and_join_reports_it() {
+    let _serial = serial();
+    let runtime = Runtime::start(options(2, true), || {}).unwrap();
+    let h = runtime.handle();
+    h.send_msg(reactor::ReactorId::new(1), || {
+        panic!("injected reactor panic")
+    });
+    wait_until("stop after panic", Duration::from_secs(5), || {
+        h.is_stopping()
+    });
+    match runtime.join() {
+        Err(reactor::Error::ReactorPanicked { id }) => assert_eq!(id.index(), 1),
+        other => panic!("expected ReactorPanicked, got {other:?}"),
+    }
+}
+
+#[test]
+fn init_runs_on_first_reactor_and_stop_from_reactor() {
+    let _serial = serial();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let runtime = Runtime::start(options(2, true), move || {
+        tx.send(reactor::current()).unwrap();
+        reactor::after(Duration::from_millis(10), reactor::request_stop);
+    })
+    .unwrap();
+    assert_eq!(rx.recv().unwrap(), reactor::ReactorId::new(0));
+    runtime.join().unwrap();
+}
