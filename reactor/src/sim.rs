@@ -257,3 +257,6 @@ impl std::fmt::Debug for Sim {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests;
