@@ -80,6 +80,8 @@ pub struct CheckReport {
     pub nr_metadata_blocks_used: u64,
     /// Data blocks referenced.
     pub nr_data_blocks_used: u64,
+    /// Every metadata block something references, ascending.
+    pub referenced_blocks: Vec<u64>,
 }
 
 impl CheckReport {
@@ -841,6 +843,8 @@ pub fn check(io: &dyn BlockIo, opts: &CheckOptions) -> CheckReport {
         ck.meta_refs = refs;
     }
     ck.report.nr_metadata_blocks_used = ck.meta_refs.len() as u64;
+    ck.report.referenced_blocks = ck.meta_refs.keys().copied().collect();
+    ck.report.referenced_blocks.sort_unstable();
     ck.report.nr_data_blocks_used = data_refs.len() as u64;
     ck.report
 }
