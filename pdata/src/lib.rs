@@ -16,12 +16,14 @@
 //! The on-disk format is documented in `../shared/spec/dm-thin-metadata.md`.
 
 pub mod block_io;
+pub mod block_manager;
 pub mod btree;
 pub mod checksum;
 pub mod codec;
 pub mod error;
 pub mod space_map;
 pub mod thin;
+pub mod transaction_manager;
 pub mod validator;
 
 #[cfg(test)]

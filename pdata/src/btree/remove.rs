@@ -1,0 +1,175 @@
+//! Removal with top-down rebalancing (spec §6.4): before descending into child `i`, it is
+//! rebalanced with its siblings so that it holds more than `max/3` entries; the deletion
+//! below can then never leave a non-root node under-full.
+
+use super::node::{Node, INTERNAL_VALUE_SIZE};
+use super::{read_node, shadow_node, write_node, NoRefs, ValueRefs, MAX_DEPTH};
+use crate::error::{err, ErrorKind, Result};
+use crate::transaction_manager::TransactionManager;
+
+/// Child `i` of `parent`, shadowed (pointer updated in `parent`), and its decoded node.
+fn shadow_child(
+    tm: &mut TransactionManager,
+    parent: &mut Node,
+    i: usize,
+    vs: usize,
+    refs: &mut dyn ValueRefs,
+) -> Result<(u64, Node)> {
+    let c = shadow_node(tm, parent.child(i), vs, refs)?;
+    parent.set_child(i, c);
+    let node = read_node(tm, c, vs)?;
+    Ok((c, node))
+}
+
+/// Move entries so that `l` ends with `target_l` of the combined entries.
+fn redistribute2(l: &mut Node, r: &mut Node, target_l: usize) {
+    if l.nr_entries() > target_l {
+        let mut moved = l.split_off(target_l);
+        moved.append(r);
+        *r = moved;
+    } else {
+        let take = target_l - l.nr_entries();
+        let mut rest = r.split_off(take);
+        l.append(r);
+        std::mem::swap(r, &mut rest);
+    }
+}
+
+fn rebalance2(
+    tm: &mut TransactionManager,
+    parent: &mut Node,
+    li: usize,
+    vs: usize,
+    refs: &mut dyn ValueRefs,
+) -> Result<()> {
+    let (l, mut ln) = shadow_child(tm, parent, li, vs, refs)?;
+    let (r, mut rn) = shadow_child(tm, parent, li + 1, vs, refs)?;
+    assert_eq!(ln.leaf, rn.leaf);
+    let max = ln.max_entries();
+    let total = ln.nr_entries() + rn.nr_entries();
+    if total < 2 * (max / 3 + 1) {
+        ln.append(&mut rn);
+        write_node(tm, l, &ln)?;
+        parent.remove_at(li + 1);
+        tm.dec(r)?;
+    } else {
+        redistribute2(&mut ln, &mut rn, total / 2);
+        write_node(tm, l, &ln)?;
+        write_node(tm, r, &rn)?;
+        parent.keys[li + 1] = rn.keys[0];
+    }
+    Ok(())
+}
+
+fn rebalance3(
+    tm: &mut TransactionManager,
+    parent: &mut Node,
+    li: usize,
+    vs: usize,
+    refs: &mut dyn ValueRefs,
+) -> Result<()> {
+    let (l, mut ln) = shadow_child(tm, parent, li, vs, refs)?;
+    let (c, mut cn) = shadow_child(tm, parent, li + 1, vs, refs)?;
+    let (r, mut rn) = shadow_child(tm, parent, li + 2, vs, refs)?;
+    let max = ln.max_entries();
+    let total = ln.nr_entries() + cn.nr_entries() + rn.nr_entries();
+    if total < 4 * (max / 3) + 1 {
+        // Delete the centre node: spill everything into left and right.
+        ln.append(&mut cn);
+        redistribute2(&mut ln, &mut rn, total / 2);
+        write_node(tm, l, &ln)?;
+        write_node(tm, r, &rn)?;
+        parent.remove_at(li + 1);
+        parent.keys[li + 1] = rn.keys[0];
+        tm.dec(c)?;
+    } else {
+        let target = total / 3;
+        // Left gets `target`, centre `target`, right the rest.
+        ln.append(&mut cn);
+        ln.append(&mut rn);
+        let mut rest = ln.split_off(target);
+        let mut right = rest.split_off(target);
+        std::mem::swap(&mut cn, &mut rest);
+        std::mem::swap(&mut rn, &mut right);
+        write_node(tm, l, &ln)?;
+        write_node(tm, c, &cn)?;
+        write_node(tm, r, &rn)?;
+        parent.keys[li + 1] = cn.keys[0];
+        parent.keys[li + 2] = rn.keys[0];
+    }
+    Ok(())
+}
+
+fn rebalance_child(
+    tm: &mut TransactionManager,
+    parent: &mut Node,
+    i: usize,
+    vs: usize,
+    refs: &mut dyn ValueRefs,
+) -> Result<()> {
+    let n = parent.nr_entries();
+    assert!(n >= 2);
+    if i == 0 {
+        rebalance2(tm, parent, 0, vs, refs)
+    } else if i == n - 1 {
+        rebalance2(tm, parent, i - 1, vs, refs)
+    } else {
+        rebalance3(tm, parent, i - 1, vs, refs)
+    }
+}
+
+/// Remove `key` (its value dec'd through `refs`). Returns (new root, whether it was present).
+pub fn remove(
+    tm: &mut TransactionManager,
+    root: u64,
+    key: u64,
+    vs: usize,
+    refs: &mut dyn ValueRefs,
+) -> Result<(u64, bool)> {
+    let root = shadow_node(tm, root, vs, refs)?;
+    let mut loc = root;
+    let mut node = read_node(tm, root, vs)?;
+    for _ in 0..2 * MAX_DEPTH {
+        if node.leaf {
+            let Ok(i) = node.keys.binary_search(&key) else {
+                return Ok((root, false));
+            };
+            let old = node.value(i).to_vec();
+            refs.dec(tm, &old)?;
+            node.remove_at(i);
+            write_node(tm, loc, &node)?;
+            return Ok((root, true));
+        }
+        assert_eq!(node.value_size, INTERNAL_VALUE_SIZE);
+        if node.nr_entries() == 1 {
+            // Only a root can have a single child: pull the child up (height shrinks).
+            assert_eq!(loc, root);
+            let (c, cnode) = shadow_child(tm, &mut node, 0, vs, refs)?;
+            write_node(tm, loc, &cnode)?;
+            tm.dec(c)?;
+            node = cnode;
+            continue;
+        }
+        let Some(i) = node.lower_bound(key) else {
+            return Ok((root, false));
+        };
+        rebalance_child(tm, &mut node, i, vs, refs)?;
+        let Some(i) = node.lower_bound(key) else {
+            write_node(tm, loc, &node)?;
+            return Ok((root, false));
+        };
+        let (c, cnode) = shadow_child(tm, &mut node, i, vs, refs)?;
+        write_node(tm, loc, &node)?;
+        loc = c;
+        node = cnode;
+    }
+    err(
+        ErrorKind::Limit,
+        format!("tree at {root} deeper than {MAX_DEPTH}"),
+    )
+}
+
+/// Remove from a plain tree (no reference semantics); returns the new root.
+pub fn remove_plain(tm: &mut TransactionManager, root: u64, key: u64, vs: usize) -> Result<u64> {
+    remove(tm, root, key, vs, &mut NoRefs).map(|(r, _)| r)
+}
