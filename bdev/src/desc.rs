@@ -15,16 +15,26 @@ use crate::error::{BdevError, ErrorKind, Result};
 use crate::io::BdevChannel;
 use crate::registry::registry;
 
-/// Event callback given at open. Called on the thread that changed the bdev (the control
-/// path: an RPC handler); keep it short and hand work to your reactor with a message.
+/// Event callback given at open. If the descriptor was opened on a reactor, events run on
+/// that reactor (sent as a message, like SPDK); otherwise on the thread that changed the bdev.
 pub type EventCallback = Arc<dyn Fn(BdevEvent) + Send + Sync>;
 
 #[derive(Clone)]
-pub(crate) struct EventSink(pub EventCallback);
+pub(crate) struct EventSink {
+    cb: EventCallback,
+    /// The reactor that opened the descriptor.
+    target: Option<(reactor::RuntimeHandle, reactor::ReactorId)>,
+}
 
 impl EventSink {
     pub fn deliver(&self, ev: BdevEvent) {
-        (self.0)(ev)
+        match &self.target {
+            Some((rt, id)) => {
+                let cb = self.cb.clone();
+                rt.send_msg(*id, move || cb(ev));
+            }
+            None => (self.cb)(ev),
+        }
     }
 }
 
@@ -88,10 +98,14 @@ impl BdevDesc {
                     ),
                 ));
             }
+            let target = reactor::try_current().map(|id| (reactor::runtime_handle(), id));
             st.descs.push(DescEntry {
                 id,
                 write,
-                event_cb: EventSink(event_cb),
+                event_cb: EventSink {
+                    cb: event_cb,
+                    target,
+                },
             });
         }
         Ok(BdevDesc { id, bdev, write })

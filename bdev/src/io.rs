@@ -231,6 +231,14 @@ pub trait ModuleChannel {
     fn nr_inflight(&self) -> usize {
         0
     }
+
+    /// A file descriptor that becomes readable when `poll` has completions to reap (e.g. a
+    /// private io_uring's fd). In interrupt mode the channel asks the reactor to wake on it
+    /// before going idle with I/O in flight. `None`: completions are queued synchronously or
+    /// announced some other way (a base channel's own poller).
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 enum Payload {
@@ -302,12 +310,19 @@ pub(crate) struct ChannelInner {
     done: Rc<CompletionQueue>,
     stats: Arc<ChannelStats>,
     nr_inflight: Cell<usize>,
-    /// Resets waiting for the channel to drain: (slot, module io).
+    /// Resets waiting for the channel to drain.
     pending_resets: RefCell<VecDeque<ModuleIo>>,
+    /// The reactor poller that drives this channel, when created on a reactor.
+    poller: Cell<Option<reactor::PollerHandle>>,
+    /// Set while a wake-up (poll on the module's fd through the reactor ring) is armed.
+    wake_armed: Rc<Cell<bool>>,
 }
 
 impl Drop for ChannelInner {
     fn drop(&mut self) {
+        if let Some(p) = self.poller.take() {
+            p.unregister();
+        }
         let mut st = self.bdev.core().lock();
         st.retired.add(&self.stats.snapshot());
         let me = Arc::as_ptr(&self.stats);
@@ -380,10 +395,51 @@ impl BdevChannel {
             stats,
             nr_inflight: Cell::new(0),
             pending_resets: RefCell::new(VecDeque::new()),
+            poller: Cell::new(None),
+            wake_armed: Rc::new(Cell::new(false)),
         };
-        Ok(BdevChannel {
+        let ch = BdevChannel {
             inner: Rc::new(inner),
-        })
+        };
+        if reactor::try_current().is_some() {
+            let weak = Rc::downgrade(&ch.inner);
+            let name = format!("bdev_channel:{}", bdev.name());
+            let handle = reactor::register_poller(&name, move || match weak.upgrade() {
+                Some(inner) => BdevChannel { inner }.reactor_poll(),
+                None => reactor::PollStatus::Idle,
+            });
+            ch.inner.poller.set(Some(handle));
+        }
+        Ok(ch)
+    }
+
+    /// One run of the channel's reactor poller: deliver completions; report Busy while
+    /// completions are queued; before going idle with I/O in the kernel in interrupt mode,
+    /// arm a one-shot poll on the module's completion fd so the reactor wakes for it.
+    fn reactor_poll(&self) -> reactor::PollStatus {
+        let work = self.poll();
+        if work > 0 || !self.inner.done.q.borrow().is_empty() {
+            return reactor::PollStatus::Busy;
+        }
+        let inner = &self.inner;
+        if inner.nr_inflight.get() > 0 && !inner.wake_armed.get() && reactor::is_interrupt_mode() {
+            let fd = inner.module.try_borrow().ok().and_then(|m| m.wake_fd());
+            if let Some(fd) = fd {
+                let armed = inner.wake_armed.clone();
+                let op = reactor::Op::PollAdd {
+                    fd: reactor::Fd::Raw(fd),
+                    events: libc::POLLIN as u32,
+                };
+                let cb = reactor::OnComplete::closure(move |_| armed.set(false));
+                if reactor::ring().submit(op, cb).is_ok() {
+                    inner.wake_armed.set(true);
+                } else {
+                    // Ring full: stay busy rather than sleep through our completions.
+                    return reactor::PollStatus::Busy;
+                }
+            }
+        }
+        reactor::PollStatus::Idle
     }
 
     /// The bdev this channel submits to.

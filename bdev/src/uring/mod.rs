@@ -419,6 +419,10 @@ impl ModuleChannel for UringChannel {
     fn nr_inflight(&self) -> usize {
         self.ops.len() - self.free.len()
     }
+
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.ring.as_raw_fd())
+    }
 }
 
 impl Drop for UringChannel {
