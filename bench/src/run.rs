@@ -1,0 +1,432 @@
+//! Wires a bdevperf run together: config → bdevs → jobs on reactors → report.
+//!
+//! The main thread is not a reactor. It starts one reactor per core of `-m`, runs the config's
+//! RPC calls on reactor 0, lays out jobs (one per bdev dealt round-robin to cores, or one per
+//! (bdev, core) with `-C`; jobs on one bdev get disjoint ranges), starts each job on its
+//! reactor with a message, then waits for the jobs' outcomes on a channel while printing
+//! progress from their counters. Everything after the config is read-only on the main thread.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bdev::{Bdev, BdevDesc, IoType};
+use reactor::{CoreMask, PollStatus, ReactorId, Runtime, RuntimeHandle, RuntimeOptions};
+use serde_json::Value;
+
+use crate::cli::{format_core_mask, Options, AUTO_PROGRESS_MIN_SECS};
+use crate::clock::Clock;
+use crate::config::{self, ConfigCall};
+use crate::job::{io_type_of, Job, JobOutcome, JobSpec, Progress};
+use crate::report::{self, JobReport};
+use crate::stats::{JobStats, Summary};
+use crate::workload::Workload;
+
+/// Config methods accepted and ignored: they only wait for or tune things this implementation
+/// does synchronously or not at all.
+const NOOP_METHODS: &[&str] = &["bdev_wait_for_examine"];
+
+/// The result of a run that got as far as running jobs.
+#[derive(Debug)]
+pub struct RunOutput {
+    /// The text to print (table, percentiles, JSON lines).
+    pub text: String,
+    /// Whether any job failed (I/O error or verify mismatch).
+    pub failed: bool,
+    /// Each failed job's error, one line each.
+    pub errors: Vec<String>,
+}
+
+struct PlannedJob {
+    spec: JobSpec,
+    reactor: ReactorId,
+    core: usize,
+}
+
+/// Runs the benchmark. Setup errors (bad config, unknown bdev, size mismatch, …) are `Err`
+/// with a one-line message; a run whose jobs failed is `Ok` with `failed` set.
+pub fn run(opts: &Options) -> Result<RunOutput, String> {
+    let calls = match &opts.json_config {
+        Some(path) => config::load(path).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    let mask = CoreMask::from_cores(opts.cores.iter().copied()).map_err(|e| format!("-m: {e}"))?;
+    let clock = Clock::calibrate(Duration::from_millis(20));
+    let runtime = Runtime::start(RuntimeOptions::new(mask), || {})
+        .map_err(|e| format!("cannot start reactors on cores {:?}: {e}", opts.cores))?;
+    let handle = runtime.handle();
+    let result = run_on(opts, &handle, calls, clock);
+    handle.stop();
+    let joined = runtime.join();
+    let output = result?;
+    joined.map_err(|e| format!("reactor failed: {e}"))?;
+    Ok(output)
+}
+
+fn run_on(
+    opts: &Options,
+    handle: &RuntimeHandle,
+    calls: Vec<ConfigCall>,
+    clock: Clock,
+) -> Result<RunOutput, String> {
+    let reactor0 = *handle.reactor_ids().first().ok_or("no reactor started")?;
+    handle
+        .call(reactor0, move || apply_config(calls))
+        .map_err(|e| format!("reactor stopped during config: {e}"))??;
+    let bdevs = select_bdevs(opts)?;
+    let plan = plan_jobs(opts, handle, &bdevs)?;
+    println!("Running I/O for {} seconds...", opts.time_secs);
+    let (tx, rx) = mpsc::channel::<(usize, JobOutcome)>();
+    let mut progress = Vec::with_capacity(plan.len());
+    for (index, job) in plan.iter().enumerate() {
+        let counters = Arc::new(Progress::default());
+        progress.push(counters.clone());
+        let tx = tx.clone();
+        let spec = job.spec.clone();
+        let secs = opts.time_secs;
+        let writes = opts.workload != Workload::Read && opts.workload != Workload::RandRead;
+        handle.send_msg(job.reactor, move || {
+            start_job(spec, writes, clock, secs, counters, move |outcome| {
+                let _ = tx.send((index, outcome));
+            });
+        });
+    }
+    drop(tx);
+    let outcomes = collect(opts, &rx, &progress, plan.len())?;
+    Ok(build_report(opts, &plan, outcomes, clock))
+}
+
+/// Runs each config call through the bdev crate's RPC handler of the same name.
+fn apply_config(calls: Vec<ConfigCall>) -> Result<(), String> {
+    let methods = bdev::rpc_methods();
+    for call in calls {
+        if NOOP_METHODS.contains(&call.method.as_str()) {
+            continue;
+        }
+        let Some((_, handler)) = methods.iter().find(|(name, _)| *name == call.method) else {
+            let known: Vec<&str> = methods
+                .iter()
+                .map(|(n, _)| *n)
+                .filter(|n| n.ends_with("_create"))
+                .collect();
+            return Err(format!(
+                "--json: unknown method '{}' in subsystem '{}' (supported: {})",
+                call.method,
+                call.subsystem,
+                known.join(", ")
+            ));
+        };
+        handler(call.params).map_err(|e| format!("--json: {}: {e}", call.method))?;
+    }
+    Ok(())
+}
+
+fn select_bdevs(opts: &Options) -> Result<Vec<Arc<dyn Bdev>>, String> {
+    let registry = bdev::registry();
+    if let Some(name) = &opts.only_bdev {
+        return match registry.lookup(name) {
+            Some(b) => Ok(vec![b]),
+            None => Err(format!("-T: no bdev named '{name}'")),
+        };
+    }
+    let bdevs = registry.list();
+    if bdevs.is_empty() {
+        return Err("no bdevs to run on: give a --json config that creates some".into());
+    }
+    Ok(bdevs)
+}
+
+fn plan_jobs(
+    opts: &Options,
+    handle: &RuntimeHandle,
+    bdevs: &[Arc<dyn Bdev>],
+) -> Result<Vec<PlannedJob>, String> {
+    let reactors = handle.reactor_ids();
+    let mut plan = Vec::new();
+    for (bdev_index, bdev) in bdevs.iter().enumerate() {
+        check_bdev(opts, bdev.as_ref())?;
+        let placed: Vec<ReactorId> = if opts.every_core_every_bdev {
+            reactors.clone()
+        } else {
+            reactors
+                .get(bdev_index % reactors.len())
+                .copied()
+                .into_iter()
+                .collect()
+        };
+        let block_size = u64::from(bdev.block_size());
+        let io_size_blocks = opts.io_size_bytes / block_size;
+        let total_units = bdev.num_blocks() / io_size_blocks;
+        let units_per_job = total_units / placed.len() as u64;
+        if units_per_job == 0 {
+            return Err(format!(
+                "bdev {}: {} blocks hold fewer than one {}-byte I/O per job",
+                bdev.name(),
+                bdev.num_blocks(),
+                opts.io_size_bytes
+            ));
+        }
+        if opts.workload == Workload::Verify && units_per_job < u64::from(opts.queue_depth) {
+            return Err(format!(
+                "bdev {}: verify needs at least -q {} I/O units per job, the range has {units_per_job}",
+                bdev.name(),
+                opts.queue_depth
+            ));
+        }
+        let verify_data = opts.workload != Workload::Verify || stores_data(bdev.as_ref());
+        if !verify_data {
+            eprintln!(
+                "bdevperf: note: bdev {} (module {}) does not store data; verify checks I/O \
+                 completion only",
+                bdev.name(),
+                bdev.core().module_name()
+            );
+        }
+        for (k, &reactor) in placed.iter().enumerate() {
+            let first_block = k as u64 * units_per_job * io_size_blocks;
+            let seed = opts.seed.unwrap_or_else(time_seed)
+                ^ ((bdev_index as u64) << 48)
+                ^ ((k as u64) << 40);
+            plan.push(PlannedJob {
+                spec: JobSpec {
+                    name: bdev.name().to_owned(),
+                    workload: opts.workload,
+                    read_percent: opts.rw_read_percent.unwrap_or(100),
+                    queue_depth: opts.queue_depth,
+                    io_size_blocks,
+                    block_size,
+                    first_block,
+                    nr_units: units_per_job,
+                    seed,
+                    verify_data,
+                    inject_corruption_lba: opts.inject_corruption_lba.filter(|lba| {
+                        (first_block..first_block + units_per_job * io_size_blocks).contains(lba)
+                    }),
+                },
+                reactor,
+                core: handle.core_of(reactor),
+            });
+        }
+    }
+    Ok(plan)
+}
+
+fn check_bdev(opts: &Options, bdev: &dyn Bdev) -> Result<(), String> {
+    let block_size = u64::from(bdev.block_size());
+    if !opts.io_size_bytes.is_multiple_of(block_size) {
+        return Err(format!(
+            "-o {}: not a multiple of bdev {}'s block size {block_size}",
+            opts.io_size_bytes,
+            bdev.name()
+        ));
+    }
+    for op in opts.workload.needed_ops() {
+        let io_type = io_type_of(*op);
+        if !bdev.io_type_supported(io_type) {
+            return Err(format!(
+                "bdev {} does not support {} (needed by -w {})",
+                bdev.name(),
+                io_type.name(),
+                opts.workload
+            ));
+        }
+    }
+    if let Some(lba) = opts.inject_corruption_lba {
+        if lba >= bdev.num_blocks() {
+            return Err(format!(
+                "--inject-corruption: LBA {lba} is beyond bdev {}",
+                bdev.name()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether reads return what was written. The null bdev discards writes and leaves read
+/// buffers untouched (as SPDK's does), so verify there can only check that I/O completes.
+fn stores_data(bdev: &dyn Bdev) -> bool {
+    bdev.core().module_name() != "null" && bdev.io_type_supported(IoType::Read)
+}
+
+fn time_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0x5EED)
+}
+
+/// On the job's reactor: opens the bdev, gets its channel, starts the job and polls it.
+fn start_job(
+    spec: JobSpec,
+    write: bool,
+    clock: Clock,
+    secs: f64,
+    progress: Arc<Progress>,
+    report: impl FnOnce(JobOutcome) + 'static,
+) {
+    let name = spec.name.clone();
+    let fail = |msg: String| JobOutcome {
+        stats: JobStats::new(),
+        runtime_ticks: 0,
+        error: Some(msg),
+    };
+    let desc = match BdevDesc::open(&name, write, |_| {}) {
+        Ok(d) => d,
+        Err(e) => return report(fail(format!("bdev {name}: cannot open: {e}"))),
+    };
+    let ch = match desc.get_io_channel() {
+        Ok(c) => c,
+        Err(e) => return report(fail(format!("bdev {name}: cannot get an I/O channel: {e}"))),
+    };
+    let job = Job::start(spec, ch, clock, secs, progress, Box::new(report));
+    let poller: std::rc::Rc<std::cell::Cell<Option<reactor::PollerHandle>>> = Default::default();
+    let poller_in = poller.clone();
+    let mut desc = Some(desc);
+    let handle = reactor::register_poller("bdevperf_job", move || {
+        let work = job.poll();
+        if job.is_done() {
+            if let Some(p) = poller_in.take() {
+                p.unregister();
+            }
+            desc.take();
+        }
+        PollStatus::from_busy(work > 0)
+    });
+    poller.set(Some(handle));
+}
+
+fn collect(
+    opts: &Options,
+    rx: &mpsc::Receiver<(usize, JobOutcome)>,
+    progress: &[Arc<Progress>],
+    nr_jobs: usize,
+) -> Result<Vec<Option<JobOutcome>>, String> {
+    let interval = match opts.progress_interval_secs {
+        Some(0) => None,
+        Some(n) => Some(Duration::from_secs(n)),
+        None if opts.time_secs >= AUTO_PROGRESS_MIN_SECS => Some(Duration::from_secs(1)),
+        None => None,
+    };
+    // A job that does not finish long after its time limit means a lost completion.
+    let deadline = Instant::now() + Duration::from_secs_f64(opts.time_secs + 30.0);
+    let start = Instant::now();
+    let mut outcomes: Vec<Option<JobOutcome>> = (0..nr_jobs).map(|_| None).collect();
+    let mut nr_done = 0;
+    let mut last = (start, 0u64);
+    let mut next_tick = interval.map(|i| start + i);
+    while nr_done < nr_jobs {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(format!(
+                "{} job(s) did not finish within 30 s of the time limit",
+                nr_jobs - nr_done
+            ));
+        }
+        let wake = next_tick.unwrap_or(deadline).min(deadline);
+        match rx.recv_timeout(wake.saturating_duration_since(now)) {
+            Ok((i, outcome)) => {
+                if let Some(slot) = outcomes.get_mut(i) {
+                    if slot.replace(outcome).is_none() {
+                        nr_done += 1;
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if let (Some(tick), Some(i)) = (next_tick, interval) {
+            let now = Instant::now();
+            if now >= tick {
+                let total: u64 = progress
+                    .iter()
+                    .map(|p| p.nr_completed.load(Ordering::Relaxed))
+                    .sum();
+                let rate = (total - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-9);
+                println!(
+                    "{}",
+                    report::format_progress((now - start).as_secs_f64(), rate, opts.io_size_bytes)
+                );
+                last = (now, total);
+                next_tick = Some(tick + i);
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
+fn build_report(
+    opts: &Options,
+    plan: &[PlannedJob],
+    outcomes: Vec<Option<JobOutcome>>,
+    clock: Clock,
+) -> RunOutput {
+    let mut reports = Vec::with_capacity(plan.len());
+    let mut merged = JobStats::new();
+    let (mut sum_iops, mut sum_mibps, mut sum_fail, mut sum_to, mut max_runtime) =
+        (0.0, 0.0, 0.0, 0.0, 0.0f64);
+    let mut failed = false;
+    for (job, outcome) in plan.iter().zip(outcomes) {
+        let outcome = outcome.unwrap_or_else(|| JobOutcome {
+            stats: JobStats::new(),
+            runtime_ticks: 0,
+            error: Some("job never reported".into()),
+        });
+        let runtime = clock.to_us(outcome.runtime_ticks) / 1e6;
+        let summary = outcome.stats.summarize(clock, runtime, opts.io_size_bytes);
+        merged.merge(&outcome.stats);
+        sum_iops += summary.iops;
+        sum_mibps += summary.mibps;
+        sum_fail += summary.fail_per_sec;
+        sum_to += summary.timeout_per_sec;
+        max_runtime = max_runtime.max(runtime);
+        failed |= outcome.error.is_some() || outcome.stats.nr_failed > 0;
+        let spec = &job.spec;
+        reports.push(JobReport {
+            name: spec.name.clone(),
+            core_mask: format_core_mask(&[job.core]),
+            workload: opts.workload,
+            rw_read_percent: opts.rw_read_percent,
+            queue_depth: opts.queue_depth,
+            io_size_bytes: opts.io_size_bytes,
+            verify_range: (opts.workload == Workload::Verify)
+                .then_some((spec.first_block, spec.nr_units * spec.io_size_blocks)),
+            summary,
+            error: outcome.error,
+        });
+    }
+    let total = Summary {
+        iops: sum_iops,
+        mibps: sum_mibps,
+        fail_per_sec: sum_fail,
+        timeout_per_sec: sum_to,
+        ..merged.summarize(clock, max_runtime, opts.io_size_bytes)
+    };
+    let mut text = report::format_table(&reports, &total);
+    text.push_str(&report::format_percentiles(&reports, &total));
+    for r in &reports {
+        text.push_str(&report::json_value(r).to_string());
+        text.push('\n');
+    }
+    let cores: Vec<usize> = plan.iter().map(|j| j.core).collect();
+    let total_report = JobReport {
+        name: "Total".into(),
+        core_mask: format_core_mask(&cores),
+        workload: opts.workload,
+        rw_read_percent: opts.rw_read_percent,
+        queue_depth: opts.queue_depth,
+        io_size_bytes: opts.io_size_bytes,
+        verify_range: None,
+        summary: total,
+        error: reports.iter().find_map(|r| r.error.clone()),
+    };
+    let total_json: Value = report::json_value(&total_report);
+    text.push_str(&total_json.to_string());
+    text.push('\n');
+    let errors = reports.iter().filter_map(|r| r.error.clone()).collect();
+    RunOutput {
+        text,
+        failed,
+        errors,
+    }
+}
