@@ -97,10 +97,21 @@ fn direct_io_accepts(file: &File, bs: u32, size: u64) -> bool {
     if size < u64::from(bs) {
         return true;
     }
-    let mut buf = crate::IoBuf::new(bs as usize);
-    // SAFETY: buf is a live, writable, aligned allocation of bs bytes.
-    let rc = unsafe { libc::pread(file.as_raw_fd(), buf.as_mut_ptr().cast(), bs as usize, 0) };
-    !(rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL))
+    // A plain aligned allocation: this runs on the control path, possibly off-reactor.
+    let Ok(layout) = std::alloc::Layout::from_size_align(bs as usize, 4096) else {
+        return false;
+    };
+    // SAFETY: layout has non-zero size (bs >= 512).
+    let ptr = unsafe { std::alloc::alloc(layout) };
+    if ptr.is_null() {
+        return false;
+    }
+    // SAFETY: ptr is a live, writable, 4096-aligned allocation of bs bytes.
+    let rc = unsafe { libc::pread(file.as_raw_fd(), ptr.cast(), bs as usize, 0) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(ptr, layout) };
+    !(rc < 0 && errno == Some(libc::EINVAL))
 }
 
 struct Opened {
@@ -111,7 +122,9 @@ struct Opened {
     is_blockdev: bool,
 }
 
-fn open_backing(filename: &str, block_size: Option<u32>) -> Result<Opened> {
+type Opener = fn(&str, bool) -> std::io::Result<File>;
+
+fn open_backing(filename: &str, block_size: Option<u32>, open_file: Opener) -> Result<Opened> {
     let ctx = |what: &str| format!("uring bdev: cannot {what} '{filename}'");
     let (file, mut o_direct) = match open_file(filename, true) {
         Ok(f) => (f, true),
@@ -455,7 +468,11 @@ impl Drop for UringChannel {
 /// Errors: the OS error of open/stat; `EINVAL` if the file is smaller than one block or the
 /// block size is bad; `EEXIST` for a taken name.
 pub fn create(opts: UringOpts) -> Result<Arc<UringBdev>> {
-    let o = open_backing(&opts.filename, opts.block_size)?;
+    create_with(opts, open_file)
+}
+
+fn create_with(opts: UringOpts, opener: Opener) -> Result<Arc<UringBdev>> {
+    let o = open_backing(&opts.filename, opts.block_size, opener)?;
     let core = BdevCore::new(BdevCoreOpts {
         name: opts.name,
         aliases: Vec::new(),
@@ -525,6 +542,9 @@ fn registry_uring(name: &str) -> Result<Arc<UringBdev>> {
         .find(|b| b.core.name() == name && b.core.lock().registered)
         .ok_or_else(|| BdevError::new(ErrorKind::NotFound, format!("no uring bdev named '{name}'")))
 }
+
+#[cfg(test)]
+mod tests;
 
 /// The uring module.
 pub struct UringModule;
