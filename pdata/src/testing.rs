@@ -659,6 +659,8 @@ pub struct Workload {
     pub reopen_pct: u64,
     /// Include held-root reserve/release ops.
     pub held_roots: bool,
+    /// Percent of the removal ops kept (the rest become provisions): lower grows bigger trees.
+    pub removal_pct: u64,
 }
 
 impl Default for Workload {
@@ -671,6 +673,7 @@ impl Default for Workload {
             abort_pct: 1,
             reopen_pct: 1,
             held_roots: true,
+            removal_pct: 100,
         }
     }
 }
@@ -844,16 +847,17 @@ impl Harness {
                 },
                 None => Op::Commit,
             },
-            60..=79 => {
-                let vblock = match self.pick_mapping(rng) {
-                    Some((_, v)) if rng.chance(3, 4) => v,
-                    _ => rng.below(w.vblock_space),
-                };
-                Op::Remove {
+            60..=84 if !rng.chance(w.removal_pct, 100) => Op::Provision {
+                dev: self.pick_dev(rng),
+                vblock: rng.below(w.vblock_space),
+            },
+            60..=79 => match self.pick_mapping(rng) {
+                Some((dev, vblock)) if rng.chance(3, 4) => Op::Remove { dev, vblock },
+                _ => Op::Remove {
                     dev: self.pick_dev(rng),
-                    vblock,
-                }
-            }
+                    vblock: rng.below(w.vblock_space),
+                },
+            },
             80..=84 => {
                 let begin = rng.below(w.vblock_space);
                 Op::RemoveRange {
@@ -961,6 +965,16 @@ impl Harness {
                 let (Some(&(b, _)), true) = (from, self.has(dev)) else {
                     return Ok(());
                 };
+                let target = self
+                    .current
+                    .devices
+                    .get(&dev)
+                    .and_then(|d| d.mappings.get(&vblock));
+                if target.is_some_and(|m| m.0 == b) {
+                    // Re-inserting the block a mapping already has would keep the extra
+                    // reference (an equal value is not dec'd).
+                    return Ok(());
+                }
                 ok("inc_data_block", self.meta().inc_data_block(DataBlock(b)))?;
                 ok(
                     "insert_block shared",
@@ -1045,11 +1059,12 @@ impl Harness {
                     return want("reserve while held", r, ErrorKind::Busy);
                 }
                 ok("reserve_metadata_snap", r)?;
-                // Reserving commits first; the snapshot is of that commit.
+                // Reserving commits first and snapshots that commit; the held root itself is
+                // recorded in the superblock by the next commit.
                 self.committed = self.current.clone();
+                self.held.1 = self.held.0.take();
                 self.allocated_in_txn.clear();
                 self.held.0 = Some(self.committed.clone());
-                self.held.1 = self.held.0.clone();
             }
             Op::ReleaseSnap => {
                 let r = self.meta().release_metadata_snap();

@@ -1,0 +1,173 @@
+//! Model-based property test of `PoolMetadata` (acceptance test 1): random sequences of
+//! create, snapshot (of snapshots too), delete, provision, share, remove, remove-range,
+//! set-transaction-id, resize, reserve/release of the held root, commit, abort and reopen,
+//! applied to the metadata and to an in-memory model and compared after every step through
+//! the API. At every commit the image on the device is also read independently: it must pass
+//! the strict checker (exact metadata and data reference counts) and dump to exactly the
+//! model's committed state — and between commits the device must still dump to the last
+//! commit (copy-on-write never overwrites committed blocks).
+//!
+//! The seed is printed; `PDATA_SEED=<n>` replays a run, `PDATA_MODEL_RUNS` /
+//! `PDATA_MODEL_OPS` scale it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use pdata::testing::{Harness, Op, Rng, Workload};
+use pdata::thin::check::{check, CheckOptions};
+use pdata::thin::dump::{read_pool, DumpRoot};
+use pdata::thin::CacheOpts;
+use pdata::{BlockIo, MemBlockIo};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Reads the committed image back independently and compares it with the model.
+fn verify_image(io: &MemBlockIo, h: &Harness) -> Result<(), String> {
+    let report = check(
+        io,
+        &CheckOptions {
+            exact_nr_allocated: true,
+        },
+    );
+    if !report.is_clean() {
+        return Err(format!("image fails the check:\n{report}"));
+    }
+    let got = read_pool(io, DumpRoot::Live).map_err(|e| format!("dump: {e}"))?;
+    let want = h.committed_xml();
+    if got != want {
+        return Err(format!(
+            "image differs from the committed model:\n{}",
+            diff(&got, &want)
+        ));
+    }
+    match (read_pool(io, DumpRoot::HeldRoot), h.held_xml()) {
+        (Ok(got), Some(want)) if got == want => Ok(()),
+        (Err(_), None) => Ok(()),
+        (got, want) => Err(format!(
+            "held root dump {:?} vs model {:?}",
+            got.map(|p| p.to_xml()),
+            want.map(|p| p.to_xml())
+        )),
+    }
+}
+
+fn diff(got: &pdata::thin::xml::PoolXml, want: &pdata::thin::xml::PoolXml) -> String {
+    let (g, w) = (got.to_xml(), want.to_xml());
+    let first = g
+        .lines()
+        .zip(w.lines())
+        .position(|(a, b)| a != b)
+        .unwrap_or(0);
+    let gl: Vec<&str> = g.lines().skip(first).take(3).collect();
+    let wl: Vec<&str> = w.lines().skip(first).take(3).collect();
+    format!("line {}: got {gl:?}\n want {wl:?}", first + 1)
+}
+
+struct RunStats {
+    ops: u64,
+    image_checks: u64,
+    mappings_max: u64,
+    devices_max: usize,
+}
+
+fn run(seed: u64, nr_ops: u64, cache_blocks: usize, w: &Workload, stats: &mut RunStats) -> Harness {
+    let io = MemBlockIo::new(4096);
+    let dev = io.clone();
+    let factory = Box::new(move || Box::new(dev.clone()) as Box<dyn BlockIo>);
+    let opts = CacheOpts {
+        nr_cache_blocks: cache_blocks,
+    };
+    let mut h = Harness::format(factory, 128, 50_000, opts).unwrap();
+    let mut rng = Rng::new(seed);
+    let mut history: Vec<Op> = Vec::new();
+    for i in 0..nr_ops {
+        let op = h.random_op(w, &mut rng);
+        history.push(op.clone());
+        let fail = |what: String| -> ! {
+            let tail: Vec<String> = history
+                .iter()
+                .rev()
+                .take(12)
+                .rev()
+                .map(|o| format!("{o:?}"))
+                .collect();
+            panic!(
+                "seed {seed} op #{i} {op:?}: {what}\nlast ops:\n  {}",
+                tail.join("\n  ")
+            );
+        };
+        if let Err(e) = h.apply(&op) {
+            fail(e);
+        }
+        if let Err(e) = h.verify_live(&mut rng) {
+            fail(format!("after the op: {e}"));
+        }
+        let committing = matches!(op, Op::Commit | Op::Reopen | Op::Abort | Op::ReserveSnap);
+        if committing || i % 16 == 0 {
+            if let Err(e) = verify_image(&io, &h) {
+                fail(e);
+            }
+            stats.image_checks += 1;
+        }
+        stats.mappings_max = stats.mappings_max.max(h.current.nr_mappings());
+        stats.devices_max = stats.devices_max.max(h.current.devices.len());
+    }
+    stats.ops += nr_ops;
+    h
+}
+
+#[test]
+fn pool_metadata_matches_model() {
+    let seed = Rng::seed_from_env("PDATA_SEED");
+    let runs = env_or("PDATA_MODEL_RUNS", 12);
+    let nr_ops = env_or("PDATA_MODEL_OPS", 600);
+    println!("model_ops: seed {seed} (PDATA_SEED={seed} replays), {runs} runs x {nr_ops} ops");
+    let mut stats = RunStats {
+        ops: 0,
+        image_checks: 0,
+        mappings_max: 0,
+        devices_max: 0,
+    };
+    let mut counts = std::collections::BTreeMap::new();
+    for r in 0..runs {
+        let run_seed = seed.wrapping_add(r);
+        // Alternate a tiny cache (constant eviction) with a roomy one, and vary the shape.
+        let cache = if r % 2 == 0 { 24 } else { 1024 };
+        let w = Workload {
+            vblock_space: [300, 2048, 20_000][(r % 3) as usize],
+            held_roots: r % 4 != 3,
+            // Every third run grows large trees (internal nodes, splits, rebalancing).
+            removal_pct: if r % 3 == 2 { 15 } else { 100 },
+            commit_pct: if r % 3 == 2 { 1 } else { 3 },
+            ..Workload::default()
+        };
+        let h = run(run_seed, nr_ops, cache, &w, &mut stats);
+        for (k, v) in &h.counts {
+            *counts.entry(*k).or_insert(0u64) += v;
+        }
+    }
+    // One long run that grows deep trees: several hundred mappings per device, so bottom
+    // trees get internal nodes, splits across snapshots and rebalancing on removal.
+    let w = Workload {
+        vblock_space: 20_000,
+        removal_pct: 10,
+        commit_pct: 1,
+        abort_pct: 0,
+        reopen_pct: 0,
+        max_devices: 6,
+        ..Workload::default()
+    };
+    let h = run(seed ^ 0xB16, nr_ops * 4, 64, &w, &mut stats);
+    for (k, v) in &h.counts {
+        *counts.entry(*k).or_insert(0u64) += v;
+    }
+    println!(
+        "model_ops: {} ops, {} image checks, up to {} mappings on {} devices; ops by kind: {counts:?}",
+        stats.ops, stats.image_checks, stats.mappings_max, stats.devices_max
+    );
+    assert!(counts.get("create_snap").copied().unwrap_or(0) > 10);
+    assert!(counts.get("commit").copied().unwrap_or(0) > 10);
+}
