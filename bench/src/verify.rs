@@ -45,7 +45,10 @@ pub fn stamp(buf: &mut [u8], block_size: usize, first_lba: u64, seed: u64) {
         block_size >= 2 * WORD && block_size.is_multiple_of(WORD),
         "block size {block_size}"
     );
-    assert!(buf.len().is_multiple_of(block_size), "buffer is not whole blocks");
+    assert!(
+        buf.len().is_multiple_of(block_size),
+        "buffer is not whole blocks"
+    );
     for (lba, block) in (first_lba..).zip(buf.chunks_exact_mut(block_size)) {
         let mut x = fill_start(lba, seed);
         for (i, chunk) in block.chunks_exact_mut(WORD).enumerate() {
