@@ -52,7 +52,18 @@ pub(crate) fn drop_queued(reactor: &ReactorShared) {
 }
 
 /// Runs up to `msg_batch` queued messages. Returns true if any ran.
+#[inline]
 pub(crate) fn run_batch(core: &Core) -> bool {
+    // `is_empty` is two plain loads; `pop` on an empty SegQueue issues a SeqCst fence, which
+    // would dominate an otherwise idle tick.
+    if core.me().queue.is_empty() {
+        return false;
+    }
+    run_batch_slow(core)
+}
+
+#[inline(never)]
+fn run_batch_slow(core: &Core) -> bool {
     let queue = &core.me().queue;
     let batch = core.msg_batch.get();
     let mut ran = 0;

@@ -225,18 +225,25 @@ impl PollerSet {
     }
 }
 
+#[inline]
 fn maintain(pollers: &RefCell<PollerSet>) {
     let needs = {
         let set = pollers.borrow();
         set.nr_dead > 0 || !set.added.is_empty()
     };
     if needs {
-        let removed = pollers.borrow_mut().maintain();
-        drop(removed);
+        maintain_slow(pollers);
     }
 }
 
+#[inline(never)]
+fn maintain_slow(pollers: &RefCell<PollerSet>) {
+    let removed = pollers.borrow_mut().maintain();
+    drop(removed);
+}
+
 /// Runs each active poller once. Returns true if any was busy.
+#[inline]
 pub(crate) fn run_active(core: &Core) -> bool {
     maintain(&core.pollers);
     let n = core.pollers.borrow().active.len();

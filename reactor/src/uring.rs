@@ -368,6 +368,7 @@ impl Ring {
 
     /// Enters the kernel for queued SQEs (once) and runs up to [`REAP_BATCH`] completion
     /// callbacks. Called by the reactor loop every tick. Returns true if anything completed.
+    #[inline]
     pub(crate) fn poll(&self) -> bool {
         let inner = &*self.inner;
         // Fast path for the common idle tick: nothing queued, nothing the kernel could post.
@@ -378,6 +379,11 @@ impl Ring {
         {
             return false;
         }
+        self.poll_slow()
+    }
+
+    #[inline(never)]
+    fn poll_slow(&self) -> bool {
         self.submit_pending();
         self.reap() > 0
     }

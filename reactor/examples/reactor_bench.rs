@@ -1,0 +1,303 @@
+//! Micro-benchmarks of the reactor's hot paths. Run in release:
+//!
+//! ```text
+//! cargo run --release -p reactor --example reactor_bench [seconds] [case-prefix]
+//! ```
+//!
+//! - `tick`: one poller doing nothing but returning Busy: raw tick rate.
+//! - `fake_io1` / `fake_io32`: one poller completing and resubmitting fake I/Os from a fixed
+//!   ring of 128 slots (what a null bdev does at queue depth 128), 1 or 32 per call.
+//! - `ping_pong`: two reactors bouncing one message: round trips per second.
+//! - `msg_stream`: reactor 0 streams messages to reactor 1 (256 per tick).
+//! - `nop_handler` / `nop_closure`: io_uring NOPs at queue depth 128, completing through a
+//!   shared `CompletionHandler` (no allocation) or a boxed closure per op.
+//! - `read4k_raw` / `read4k_fixed`: 4 KiB reads from a cached temp file at depth 32, with a
+//!   plain fd or a registered (fixed) file.
+
+use std::cell::Cell;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reactor::{
+    Completion, CompletionHandler, CoreMask, DmaBuf, Fd, OnComplete, Op, PollStatus, ReactorId,
+    Ring, Runtime, RuntimeOptions,
+};
+
+fn cores(n: usize) -> CoreMask {
+    let available = reactor::cpu::available_cores();
+    let pinned: Vec<usize> = available.iter().copied().take(n).collect();
+    CoreMask::from_cores(if pinned.len() == n {
+        pinned
+    } else {
+        (0..n).collect()
+    })
+    .unwrap()
+}
+
+/// Runs `setup` on reactor 0 of an `n`-reactor poll-mode runtime for `secs`, returns
+/// (work counter, total ticks of reactor 0, elapsed).
+fn run(
+    n: usize,
+    secs: f64,
+    setup: impl FnOnce(Arc<AtomicU64>) + Send + 'static,
+) -> (u64, u64, Duration) {
+    let mut opts = RuntimeOptions::new(cores(n));
+    opts.pin_threads = reactor::cpu::available_cores().len() >= n;
+    let counter = Arc::new(AtomicU64::new(0));
+    let c = counter.clone();
+    let start = Instant::now();
+    let runtime = Runtime::start(opts, move || {
+        setup(c);
+        reactor::after(Duration::from_secs_f64(secs), reactor::request_stop);
+    })
+    .unwrap();
+    let h = runtime.handle();
+    // Ticks must be read before join (stats stay readable afterwards too).
+    runtime.join().unwrap();
+    let elapsed = start.elapsed();
+    let stats = &h.stats()[0];
+    (
+        counter.load(Ordering::Relaxed),
+        stats.busy_ticks + stats.idle_ticks,
+        elapsed,
+    )
+}
+
+fn report(name: &str, work: u64, ticks: u64, elapsed: Duration, unit: &str) {
+    let secs = elapsed.as_secs_f64();
+    println!(
+        "{name:<14} {:>8.2} M{unit}/s   {:>8.2} M ticks/s   ({work} {unit} in {secs:.2} s)",
+        work as f64 / secs / 1e6,
+        ticks as f64 / secs / 1e6,
+    );
+}
+
+fn bench_tick(secs: f64) {
+    let (work, ticks, elapsed) = run(1, secs, |c| {
+        let n = Rc::new(Cell::new(0u64));
+        reactor::register_poller("tick", move || {
+            n.set(n.get() + 1);
+            if n.get().is_multiple_of(4096) {
+                c.store(n.get(), Ordering::Relaxed);
+            }
+            PollStatus::Busy
+        });
+    });
+    report("tick", work, ticks, elapsed, "polls");
+}
+
+fn bench_fake_io(secs: f64, batch: usize) {
+    const DEPTH: usize = 128;
+    let (work, ticks, elapsed) = run(1, secs, move |c| {
+        // A fixed ring of outstanding fake I/Os: complete BATCH, resubmit them.
+        let mut slots = [0u64; DEPTH];
+        let mut head = 0usize;
+        let mut done = 0u64;
+        reactor::register_poller("fake_io", move || {
+            for _ in 0..batch {
+                let io = &mut slots[head % DEPTH];
+                *io = io.wrapping_add(1); // "complete" and resubmit
+                head = head.wrapping_add(1);
+            }
+            done += batch as u64;
+            c.store(done, Ordering::Relaxed);
+            PollStatus::Busy
+        });
+    });
+    report(&format!("fake_io{batch}"), work, ticks, elapsed, "IOs");
+}
+
+fn bench_ping_pong(secs: f64) {
+    fn ping(count: Arc<AtomicU64>) {
+        reactor::send_msg(ReactorId::new(1), move || {
+            reactor::send_msg(ReactorId::new(0), move || {
+                count.fetch_add(1, Ordering::Relaxed);
+                ping(count);
+            })
+        });
+    }
+    let (work, ticks, elapsed) = run(2, secs, ping);
+    report("ping_pong", work, ticks, elapsed, "round trips");
+}
+
+fn bench_msg_stream(secs: f64) {
+    let (work, ticks, elapsed) = run(2, secs, |c| {
+        let in_flight = Arc::new(AtomicU64::new(0));
+        reactor::register_poller("stream", move || {
+            // Bound the queue so the receiver keeps up (STYLE rule 10).
+            if in_flight.load(Ordering::Relaxed) < 4096 {
+                for _ in 0..256 {
+                    in_flight.fetch_add(1, Ordering::Relaxed);
+                    let (c, f) = (c.clone(), in_flight.clone());
+                    reactor::send_msg(ReactorId::new(1), move || {
+                        c.fetch_add(1, Ordering::Relaxed);
+                        f.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+            }
+            PollStatus::Busy
+        });
+    });
+    report("msg_stream", work, ticks, elapsed, "msgs");
+}
+
+struct Resubmit {
+    ring: Ring,
+    done: Cell<u64>,
+    counter: Arc<AtomicU64>,
+    me: Cell<Option<Rc<Resubmit>>>,
+    op: fn() -> Op,
+}
+
+impl CompletionHandler for Resubmit {
+    fn complete(&self, tag: u64, completion: Completion) {
+        assert!(completion.result >= 0, "op failed: {}", completion.result);
+        self.done.set(self.done.get() + 1);
+        if self.done.get().is_multiple_of(1024) {
+            self.counter.store(self.done.get(), Ordering::Relaxed);
+        }
+        let me = self.me.take().expect("self reference");
+        let op = match completion.op {
+            Op::Nop => Op::Nop,
+            Op::Read { fd, offset, buf } => Op::Read { fd, offset, buf },
+            _ => (self.op)(),
+        };
+        self.ring
+            .submit(op, OnComplete::handler(me.clone(), tag))
+            .unwrap();
+        self.me.set(Some(me));
+    }
+}
+
+fn nop() -> Op {
+    Op::Nop
+}
+
+fn bench_nop(secs: f64, closures: bool) {
+    const DEPTH: u64 = 128;
+    let (work, ticks, elapsed) = run(1, secs, move |c| {
+        let ring = reactor::ring();
+        if closures {
+            fn resubmit(ring: Ring, c: Arc<AtomicU64>, n: Rc<Cell<u64>>) {
+                let r = ring.clone();
+                ring.submit(
+                    Op::Nop,
+                    OnComplete::closure(move |_| {
+                        n.set(n.get() + 1);
+                        if n.get().is_multiple_of(1024) {
+                            c.store(n.get(), Ordering::Relaxed);
+                        }
+                        resubmit(r, c, n)
+                    }),
+                )
+                .unwrap();
+            }
+            let n = Rc::new(Cell::new(0));
+            for _ in 0..DEPTH {
+                resubmit(ring.clone(), c.clone(), n.clone());
+            }
+        } else {
+            let handler = Rc::new(Resubmit {
+                ring: ring.clone(),
+                done: Cell::new(0),
+                counter: c,
+                me: Cell::new(None),
+                op: nop,
+            });
+            handler.me.set(Some(handler.clone()));
+            for tag in 0..DEPTH {
+                ring.submit(Op::Nop, OnComplete::handler(handler.clone(), tag))
+                    .unwrap();
+            }
+        }
+    });
+    let name = if closures {
+        "nop_closure"
+    } else {
+        "nop_handler"
+    };
+    report(name, work, ticks, elapsed, "ops");
+}
+
+fn bench_read(secs: f64, fixed: bool) {
+    const DEPTH: u64 = 32;
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(64 << 20).unwrap();
+    let raw = file.as_raw_fd();
+    // Populate the page cache so reads measure the ring, not the disk.
+    let mut opts_fill = vec![0u8; 1 << 20];
+    opts_fill
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = i as u8);
+    for i in 0..64u64 {
+        std::os::unix::fs::FileExt::write_all_at(&file, &opts_fill, i << 20).unwrap();
+    }
+    let (work, ticks, elapsed) = run(1, secs, move |c| {
+        let ring = reactor::ring();
+        let fd = if fixed {
+            ring.register_files(&[raw]).unwrap();
+            Fd::Fixed(0)
+        } else {
+            Fd::Raw(raw)
+        };
+        let handler = Rc::new(Resubmit {
+            ring: ring.clone(),
+            done: Cell::new(0),
+            counter: c,
+            me: Cell::new(None),
+            op: nop,
+        });
+        handler.me.set(Some(handler.clone()));
+        for tag in 0..DEPTH {
+            let op = Op::Read {
+                fd,
+                offset: (tag * 4096 * 97) % (64 << 20),
+                buf: DmaBuf::alloc(4096),
+            };
+            ring.submit(op, OnComplete::handler(handler.clone(), tag))
+                .unwrap();
+        }
+    });
+    drop(file);
+    let name = if fixed { "read4k_fixed" } else { "read4k_raw" };
+    report(name, work, ticks, elapsed, "IOs");
+}
+
+fn main() {
+    let secs: f64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let only = std::env::args().nth(2);
+    let want = |name: &str| only.as_deref().is_none_or(|o| name.starts_with(o));
+    println!("reactor_bench: {secs} s per case, poll mode");
+    if want("tick") {
+        bench_tick(secs);
+    }
+    if want("fake_io") {
+        bench_fake_io(secs, 1);
+        bench_fake_io(secs, 32);
+    }
+    if want("ping_pong") {
+        bench_ping_pong(secs);
+    }
+    if want("msg_stream") {
+        bench_msg_stream(secs);
+    }
+    if want("nop_handler") {
+        bench_nop(secs, false);
+    }
+    if want("nop_closure") {
+        bench_nop(secs, true);
+    }
+    if want("read4k_raw") {
+        bench_read(secs, false);
+    }
+    if want("read4k_fixed") {
+        bench_read(secs, true);
+    }
+}
