@@ -331,8 +331,12 @@ impl Drop for ChannelInner {
     }
 }
 
+/// Key of the per-thread channel cache: (reactor index or `u32::MAX` off-reactor, bdev id).
+/// The reactor is part of the key because the simulator runs many reactors on one thread.
+type ChannelKey = (u32, u64);
+
 thread_local! {
-    static CHANNELS: RefCell<HashMap<u64, RcWeak<ChannelInner>>> =
+    static CHANNELS: RefCell<HashMap<ChannelKey, RcWeak<ChannelInner>>> =
         RefCell::new(HashMap::new());
 }
 
@@ -354,7 +358,8 @@ impl fmt::Debug for BdevChannel {
 impl BdevChannel {
     /// The channel for `bdev` on this thread, created on first use.
     pub(crate) fn get(bdev: &Arc<dyn Bdev>) -> Result<BdevChannel> {
-        let id = bdev.core().id();
+        let reactor_index = reactor::try_current().map_or(u32::MAX, |r| r.index() as u32);
+        let id = (reactor_index, bdev.core().id());
         if let Some(inner) = CHANNELS.with(|c| c.borrow().get(&id).and_then(RcWeak::upgrade)) {
             return Ok(BdevChannel { inner });
         }

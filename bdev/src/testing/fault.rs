@@ -7,8 +7,8 @@
 //! - `torn_ppm`: write only the first half of a multi-block write, then fail it with `EIO`;
 //! - `misdirect_ppm`: write to another offset (the next block range, wrapping) and report
 //!   success;
-//! - `crash_at_flush`: the N-th flush (1-based) and every I/O after it fail with `EIO`, as if
-//!   power was lost before that flush reached the media.
+//! - `crash_at_flush`: the N-th flush (1-based), every I/O after it and every I/O still in
+//!   flight fail with `EIO`, as if power was lost before that flush reached the media.
 //!
 //! Randomness is a per-channel SplitMix64 seeded from `seed` and the channel number, so a run
 //! is reproducible for a given submission order.
