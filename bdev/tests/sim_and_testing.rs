@@ -1,7 +1,6 @@
 //! Cross-reactor logic under the deterministic simulator, and the fault-injecting and
 //! recording test bdevs.
 
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
@@ -229,9 +228,9 @@ fn record_bdev_materialises_every_prefix() {
     let rec = record::create("rec", "rec_base", None).unwrap();
     let mut sim = Sim::from_env(1);
     let log: Log = Arc::default();
-    let seq = Rc::new(RefCell::new(0u64));
     // Issue one at a time so the log order is the submission order.
-    let steps: Vec<Box<dyn Fn(&bdev::BdevChannel, &IoCallback)>> = vec![
+    type Step = Box<dyn Fn(&bdev::BdevChannel, &IoCallback)>;
+    let steps: Vec<Step> = vec![
         Box::new(|ch, cb| {
             ch.write(IoBuf::from_slice(&[1; 1024]), 0, 2, 0, cb)
                 .unwrap()
@@ -244,7 +243,6 @@ fn record_bdev_materialises_every_prefix() {
     ];
     for s in &steps {
         run(&mut sim, "rec", &log, |ch, cb| s(ch, cb));
-        *seq.borrow_mut() += 1;
     }
     assert!(log.lock().unwrap().iter().all(|e| e.1 == IoStatus::Success));
     assert_eq!(rec.log_len(), 5, "reads are not logged");
