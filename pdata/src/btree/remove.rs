@@ -83,12 +83,14 @@ fn rebalance3(
         parent.keys[li + 1] = rn.keys[0];
         tm.dec(c)?;
     } else {
-        let target = total / 3;
-        // Left gets `target`, centre `target`, right the rest.
+        // Sizes differ by at most one, so none exceeds ceil(total/3) <= max.
+        let nr_left = total / 3;
+        let nr_centre = (total - nr_left) / 2;
         ln.append(&mut cn);
         ln.append(&mut rn);
-        let mut rest = ln.split_off(target);
-        let mut right = rest.split_off(target);
+        let mut rest = ln.split_off(nr_left);
+        let mut right = rest.split_off(nr_centre);
+        assert!(right.nr_entries() <= max && right.nr_entries() >= nr_centre);
         std::mem::swap(&mut cn, &mut rest);
         std::mem::swap(&mut rn, &mut right);
         write_node(tm, l, &ln)?;

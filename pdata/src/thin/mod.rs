@@ -17,7 +17,7 @@ pub mod xml;
 mod mapping;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::BTreeMap;
 
@@ -635,9 +635,17 @@ impl PoolMetadata {
             &mut BlockRefs,
             |tm, v| {
                 let sub = btree::value_u64(v)?;
-                let mut refs = DataRefs { data_sm };
+                let old = btree::lookup_u64(&mut tm.bm, sub, block.0)?;
+                let mut refs = DataRefs {
+                    data_sm: &mut *data_sm,
+                };
                 let (nsub, inserted) = btree::insert(tm, sub, block.0, &value, &mut refs)?;
                 v.copy_from_slice(&nsub.to_le_bytes());
+                if old.map(|o| BlockTime::from_u64(o).block) == Some(data.0) {
+                    // Re-mapping the same block: the tree kept its reference (values are
+                    // `equal`), so the caller's reference is surplus.
+                    data_sm.ll.dec(&mut tm.bm, data.0)?;
+                }
                 Ok(inserted)
             },
         )?;

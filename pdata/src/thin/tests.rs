@@ -167,3 +167,402 @@ fn written_images_pass_thin_check() {
     pmd.commit().unwrap();
     thin_check_and_dump(&io);
 }
+
+/// Small deterministic PRNG (xorshift64*) for the model tests; the seed is printed.
+pub(crate) struct TestRng(u64);
+
+impl TestRng {
+    pub(crate) fn new(seed: u64) -> TestRng {
+        TestRng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Independent checker of a committed pool (spec §6.4, §8): walks every tree from the
+/// superblock (and the held root), checks node structure (key order, parent key bounds,
+/// occupancy ≥ max/3 for non-roots, equal leaf depth), recomputes metadata and data reference
+/// counts from reachability and compares them with both space maps, including `nr_allocated`.
+pub(crate) mod checker {
+    use std::collections::{BTreeMap, HashMap, HashSet};
+
+    use super::super::*;
+    use crate::btree::node::{NodeRef, BTREE_VALIDATOR};
+    use crate::space_map::format::{unpack_index_block, ENTRIES_PER_BITMAP};
+    use crate::space_map::ll::nr_bitmaps;
+    use crate::validator::INDEX_VALIDATOR;
+
+    #[derive(Default)]
+    struct Counts {
+        meta: HashMap<u64, u32>,
+        data: HashMap<u64, u32>,
+        /// Nodes whose outgoing references were already counted.
+        walked: HashSet<u64>,
+    }
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Leaf {
+        Plain(usize),
+        TopLevel,
+        Mapping,
+    }
+
+    impl Counts {
+        fn add(&mut self, b: u64) {
+            *self.meta.entry(b).or_default() += 1;
+        }
+
+        /// Walk a tree whose root reference was already counted.
+        fn tree(&mut self, pmd: &mut PoolMetadata, root: u64, leaf: Leaf) -> Vec<(u64, Vec<u8>)> {
+            let mut entries = Vec::new();
+            // (block, depth, lower bound from the parent key, is root)
+            let mut stack = vec![(root, 0usize, 0u64, true)];
+            let mut leaf_depth = None;
+            let mut last_key: Option<u64> = None;
+            let mut subtrees = Vec::new();
+            while let Some((b, depth, lower, is_root)) = stack.pop() {
+                let r = pmd.tm.bm.read_lock(b, &BTREE_VALIDATOR).unwrap();
+                let n = NodeRef::new(&r).unwrap();
+                let nr = n.nr_entries();
+                let max = n.header.max_entries as usize;
+                assert!(is_root || nr >= max / 3, "node {b}: {nr} entries < {max}/3");
+                for i in 0..nr {
+                    let k = n.key(i).unwrap();
+                    assert!(k >= lower, "node {b}: key {k} below parent key {lower}");
+                    if i > 0 {
+                        assert!(k > n.key(i - 1).unwrap(), "node {b}: keys out of order");
+                    }
+                }
+                let first_walk = self.walked.insert(b);
+                if n.header.is_leaf() {
+                    assert_eq!(
+                        *leaf_depth.get_or_insert(depth),
+                        depth,
+                        "leaves at different depths"
+                    );
+                    let vs = match leaf {
+                        Leaf::Plain(vs) => vs,
+                        _ => 8,
+                    };
+                    assert_eq!(n.header.value_size as usize, vs, "node {b}: value size");
+                    for i in 0..nr {
+                        let k = n.key(i).unwrap();
+                        assert!(
+                            last_key.is_none_or(|l| k > l),
+                            "leaf {b}: key {k} not ascending"
+                        );
+                        last_key = Some(k);
+                        let v = n.value(i).unwrap().to_vec();
+                        if first_walk {
+                            match leaf {
+                                Leaf::TopLevel => {
+                                    let sub = btree::value_u64(&v).unwrap();
+                                    self.add(sub);
+                                    subtrees.push(sub);
+                                }
+                                Leaf::Mapping => {
+                                    let d = BlockTime::from_u64(btree::value_u64(&v).unwrap());
+                                    *self.data.entry(d.block).or_default() += 1;
+                                }
+                                Leaf::Plain(_) => {}
+                            }
+                        }
+                        entries.push((k, v));
+                    }
+                } else {
+                    assert!(nr > 0, "empty internal node {b}");
+                    for i in (0..nr).rev() {
+                        let c = n.child(i).unwrap();
+                        if first_walk {
+                            self.add(c);
+                        }
+                        stack.push((c, depth + 1, n.key(i).unwrap(), false));
+                    }
+                }
+            }
+            for sub in subtrees {
+                if self.walked.contains(&sub) {
+                    continue;
+                }
+                self.tree(pmd, sub, Leaf::Mapping);
+            }
+            entries
+        }
+
+        fn sm(&mut self, pmd: &mut PoolMetadata, root: &SmRoot, metadata: bool) {
+            let index: Vec<_> = if metadata {
+                self.add(root.bitmap_root);
+                let r = pmd
+                    .tm
+                    .bm
+                    .read_lock(root.bitmap_root, &INDEX_VALIDATOR)
+                    .unwrap();
+                unpack_index_block(&r).unwrap()
+            } else {
+                self.add(root.bitmap_root);
+                let e = self.tree(pmd, root.bitmap_root, Leaf::Plain(16));
+                e.iter().map(|(_, v)| unpack_from(v).unwrap()).collect()
+            };
+            for e in index.iter().take(nr_bitmaps(root.nr_blocks)) {
+                self.add(e.blocknr);
+            }
+            self.add(root.ref_count_root);
+            self.tree(pmd, root.ref_count_root, Leaf::Plain(4));
+        }
+    }
+
+    /// Check the committed state of `pmd` (call right after a commit).
+    pub(crate) fn check(pmd: &mut PoolMetadata) {
+        assert_eq!(pmd.tm.nr_shadows(), 0, "check runs on committed state");
+        let sb = pmd.committed_sb;
+        let mut c = Counts::default();
+        c.add(0);
+        let mut roots = vec![(sb.data_mapping_root, sb.device_details_root)];
+        if sb.held_root != 0 {
+            c.add(sb.held_root);
+            let r = pmd
+                .tm
+                .bm
+                .read_lock(sb.held_root, &SUPERBLOCK_VALIDATOR)
+                .unwrap();
+            let copy = Superblock::unpack_block(&r).unwrap();
+            roots.push((copy.data_mapping_root, copy.device_details_root));
+        }
+        let mut live = None;
+        for (m, d) in roots {
+            c.add(m);
+            c.add(d);
+            let top = c.tree(pmd, m, Leaf::TopLevel);
+            let details = c.tree(pmd, d, Leaf::Plain(DETAILS_VALUE_SIZE));
+            let ids: Vec<u64> = top.iter().map(|e| e.0).collect();
+            let dids: Vec<u64> = details.iter().map(|e| e.0).collect();
+            assert_eq!(ids, dids, "devices in mapping tree vs details tree");
+            live.get_or_insert((top, details));
+        }
+        // mapped_blocks of every live device equals its tree's entry count.
+        let (top, details) = live.unwrap();
+        for ((id, root), (_, dv)) in top.iter().zip(&details) {
+            let d: DeviceDetails = unpack_from(dv).unwrap();
+            let mut n = 0u64;
+            btree::for_each_entry(
+                &mut pmd.tm.bm,
+                btree::value_u64(root).unwrap(),
+                8,
+                &mut |_, _| {
+                    n += 1;
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(d.mapped_blocks, n, "mapped_blocks of device {id}");
+        }
+        c.sm(pmd, &sb.metadata_sm_root, true);
+        c.sm(pmd, &sb.data_sm_root, false);
+        let nr_meta = sb.metadata_sm_root.nr_blocks;
+        let mut allocated = 0;
+        for b in 0..nr_meta {
+            let want = c.meta.get(&b).copied().unwrap_or(0);
+            let got = pmd.tm.ref_count(b).unwrap();
+            assert_eq!(
+                got, want,
+                "metadata block {b}: count {got}, expected {want}"
+            );
+            allocated += u64::from(want > 0);
+        }
+        assert!(
+            c.meta.keys().all(|b| *b < nr_meta),
+            "reference beyond the metadata device"
+        );
+        assert_eq!(
+            sb.metadata_sm_root.nr_allocated, allocated,
+            "metadata nr_allocated"
+        );
+        let nr_data = sb.data_sm_root.nr_blocks;
+        let mut allocated = 0;
+        let extra: BTreeMap<u64, u32> = BTreeMap::new();
+        for d in 0..nr_data {
+            let want = c.data.get(&d).copied().unwrap_or(0) + extra.get(&d).copied().unwrap_or(0);
+            let got = pmd.data_block_count(DataBlock(d)).unwrap();
+            assert_eq!(got, want, "data block {d}: count {got}, expected {want}");
+            allocated += u64::from(want > 0);
+        }
+        assert_eq!(sb.data_sm_root.nr_allocated, allocated, "data nr_allocated");
+        let _ = ENTRIES_PER_BITMAP;
+    }
+}
+
+#[test]
+fn checker_accepts_smoke_pool_and_detects_a_leak() {
+    let (_io, mut pmd) = new_pool(1024, 20_000);
+    pmd.create_thin(DevId(1)).unwrap();
+    for v in 0..1000 {
+        let d = pmd.alloc_data_block().unwrap();
+        pmd.insert_block(DevId(1), ThinBlock(v), d).unwrap();
+    }
+    pmd.create_snap(DevId(2), DevId(1)).unwrap();
+    pmd.commit().unwrap();
+    checker::check(&mut pmd);
+    // A leaked data reference must be caught.
+    pmd.inc_data_block(DataBlock(5)).unwrap();
+    pmd.commit().unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| checker::check(&mut pmd)));
+    assert!(r.is_err(), "checker missed a leaked data reference");
+}
+
+type Model = BTreeMap<u64, BTreeMap<u64, u64>>;
+
+fn compare_with_model(pmd: &mut PoolMetadata, model: &Model) {
+    let devs: Vec<DevId> = model.keys().map(|d| DevId(*d)).collect();
+    assert_eq!(pmd.devices().unwrap(), devs);
+    for (dev, maps) in model {
+        let got: Vec<(u64, u64)> = pmd
+            .mappings(DevId(*dev), ThinBlock(0), ThinBlock(u64::MAX))
+            .map(|r| r.map(|(b, l)| (b.0, l.data_block.0)).unwrap())
+            .collect();
+        let want: Vec<(u64, u64)> = maps.iter().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(got, want, "mappings of device {dev}");
+        let d = pmd.device_details(DevId(*dev)).unwrap().unwrap();
+        assert_eq!(d.mapped_blocks, maps.len() as u64, "mapped_blocks of {dev}");
+    }
+}
+
+/// Random operations on several devices (with snapshots) against a model, across commit,
+/// abort and reopen; the independent checker runs after commits.
+fn random_pool_ops(seed: u64, nr_ops: usize) {
+    eprintln!("random_pool_ops seed {seed}");
+    let mut rng = TestRng::new(seed);
+    let (io, mut pmd) = new_pool(4096, 30_000);
+    let mut model: Model = BTreeMap::new();
+    let mut committed = model.clone();
+    let mut next_id = 0u64;
+    let mut nr_commits = 0;
+    for step in 0..nr_ops {
+        let ids: Vec<u64> = model.keys().copied().collect();
+        let pick = |rng: &mut TestRng| ids[rng.below(ids.len() as u64) as usize];
+        let op = rng.below(100);
+        match op {
+            _ if ids.is_empty() || (op < 3 && ids.len() < 6) => {
+                pmd.create_thin(DevId(next_id)).unwrap();
+                model.insert(next_id, BTreeMap::new());
+                next_id += 1;
+            }
+            0..=2 if ids.len() < 8 => {
+                let origin = pick(&mut rng);
+                pmd.create_snap(DevId(next_id), DevId(origin)).unwrap();
+                let m = model[&origin].clone();
+                model.insert(next_id, m);
+                next_id += 1;
+            }
+            3 if ids.len() > 1 => {
+                let id = pick(&mut rng);
+                pmd.delete_thin(DevId(id)).unwrap();
+                model.remove(&id);
+            }
+            4..=59 => {
+                let id = pick(&mut rng);
+                let v = rng.below(5000);
+                let d = match pmd.alloc_data_block() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        assert_eq!(e.kind(), ErrorKind::NoSpace);
+                        continue;
+                    }
+                };
+                pmd.insert_block(DevId(id), ThinBlock(v), d).unwrap();
+                model.get_mut(&id).unwrap().insert(v, d.0);
+            }
+            60..=79 => {
+                let id = pick(&mut rng);
+                let v = rng.below(5000);
+                let was = pmd.remove_block(DevId(id), ThinBlock(v)).unwrap();
+                assert_eq!(was, model.get_mut(&id).unwrap().remove(&v).is_some());
+            }
+            80..=84 => {
+                let id = pick(&mut rng);
+                let b = rng.below(5000);
+                let e = b + rng.below(400);
+                let n = pmd
+                    .remove_range(DevId(id), ThinBlock(b), ThinBlock(e))
+                    .unwrap();
+                let m = model.get_mut(&id).unwrap();
+                let keys: Vec<u64> = m.range(b..e).map(|(k, _)| *k).collect();
+                assert_eq!(n, keys.len() as u64);
+                for k in keys {
+                    m.remove(&k);
+                }
+            }
+            85..=93 => {
+                pmd.commit().unwrap();
+                committed = model.clone();
+                nr_commits += 1;
+                if nr_commits % 4 == 0 {
+                    checker::check(&mut pmd);
+                }
+                compare_with_model(&mut pmd, &model);
+            }
+            94..=95 => {
+                pmd.abort().unwrap();
+                model = committed.clone();
+                compare_with_model(&mut pmd, &model);
+            }
+            96 => {
+                drop(pmd);
+                pmd = PoolMetadata::open(Box::new(io.clone()), 128, opts()).unwrap();
+                model = committed.clone();
+                compare_with_model(&mut pmd, &model);
+            }
+            97 => match pmd.held_root() {
+                Some(_) => pmd.release_metadata_snap().unwrap(),
+                None => {
+                    pmd.reserve_metadata_snap().unwrap();
+                    committed = model.clone();
+                }
+            },
+            98 => {
+                // Re-map a mapped block to the same data block, holding a reference first
+                // as every caller of insert_block does.
+                let id = pick(&mut rng);
+                let Some((&v, &d)) = model[&id].iter().next() else {
+                    continue;
+                };
+                pmd.inc_data_block(DataBlock(d)).unwrap();
+                pmd.insert_block(DevId(id), ThinBlock(v), DataBlock(d))
+                    .unwrap();
+            }
+            _ => {
+                let id = pick(&mut rng);
+                let v = rng.below(5000);
+                let got = pmd
+                    .find_block(DevId(id), ThinBlock(v))
+                    .unwrap()
+                    .map(|l| l.data_block.0);
+                assert_eq!(got, model[&id].get(&v).copied(), "step {step}");
+            }
+        }
+    }
+    pmd.commit().unwrap();
+    checker::check(&mut pmd);
+    compare_with_model(&mut pmd, &model);
+    thin_check_and_dump(&io);
+}
+
+#[test]
+fn random_pool_ops_match_model_seed_1() {
+    random_pool_ops(1, 6000);
+}
+
+#[test]
+fn random_pool_ops_match_model_seed_env() {
+    let seed = std::env::var("PDATA_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0xC0FFEE);
+    random_pool_ops(seed, 6000);
+}
