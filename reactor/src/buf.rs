@@ -164,22 +164,23 @@ impl fmt::Debug for DmaBuf {
 impl Drop for DmaBuf {
     fn drop(&mut self) {
         if let Some(class) = class_of(self.capacity) {
-            let me = DmaBuf {
-                ptr: self.ptr,
-                capacity: self.capacity,
-                len: 0,
-            };
-            // `put` hands the buffer back if the pool is full; then it is freed below by
-            // forgetting the pool's copy. Avoid double free: the pool either keeps `me`
-            // (and we must not free) or returns it (and we free through `me`'s drop path).
-            let kept = reactor::try_with_core(|core| core.pool.borrow_mut().put(class, me));
-            match kept {
-                Some(None) => return,
-                Some(Some(rejected)) => std::mem::forget(rejected),
-                None => {}
+            let (ptr, capacity) = (self.ptr, self.capacity);
+            // The pool's copy is built only inside the closure and only if the pool keeps it,
+            // so no second owner of the allocation exists on any other path (off-reactor the
+            // closure is never called).
+            let kept = reactor::try_with_core(|core| {
+                core.pool.borrow_mut().try_keep(class, || DmaBuf {
+                    ptr,
+                    capacity,
+                    len: 0,
+                })
+            });
+            if kept == Some(true) {
+                return;
             }
         }
-        // SAFETY: ptr was allocated with this layout and is not referenced elsewhere.
+        // SAFETY: ptr was allocated with this layout and is not referenced elsewhere (the
+        // pool did not keep a copy).
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout()) }
     }
 }
@@ -203,14 +204,15 @@ impl BufPool {
         self.classes[class].pop()
     }
 
-    /// Keeps `buf` (returns None) or gives it back if the class is full.
-    fn put(&mut self, class: usize, buf: DmaBuf) -> Option<DmaBuf> {
+    /// Keeps the buffer `make` builds if the class has room (returns true); else does not
+    /// call `make`.
+    fn try_keep(&mut self, class: usize, make: impl FnOnce() -> DmaBuf) -> bool {
         let list = &mut self.classes[class];
         if self.closed || list.len() >= POOL_MAX_PER_CLASS {
-            return Some(buf);
+            return false;
         }
-        list.push(buf);
-        None
+        list.push(make());
+        true
     }
 
     pub(crate) fn nr_free(&self) -> usize {
@@ -228,4 +230,45 @@ impl BufPool {
 /// Number of free buffers in the current reactor's pool. Panics off-reactor.
 pub fn pool_nr_free() -> usize {
     reactor::with_core(|core| core.pool.borrow().nr_free())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_reactor_buffers_are_plain_allocations() {
+        assert!(reactor::try_current().is_none());
+        let mut a = DmaBuf::alloc(100);
+        assert_eq!(a.len(), 100);
+        assert_eq!(a.capacity(), DMA_ALIGN);
+        assert_eq!(a.as_ptr() as usize % DMA_ALIGN, 0);
+        a.fill(9);
+        a.set_len(DMA_ALIGN);
+        assert!(a[100..].iter().all(|&b| b == 0), "fresh memory is zeroed");
+        drop(a);
+        let big = DmaBuf::new(3 << 20);
+        assert_eq!(big.capacity(), 3 << 20);
+        drop(big);
+        let copy = DmaBuf::from_slice(b"hello");
+        assert_eq!(&copy[..], b"hello");
+        assert!(format!("{copy:?}").contains("len: 5"));
+    }
+
+    #[test]
+    fn capacity_classes() {
+        assert_eq!(capacity_for(0), DMA_ALIGN);
+        assert_eq!(capacity_for(4097), 8192);
+        assert_eq!(capacity_for(12288), 16384);
+        assert_eq!(capacity_for(POOL_MAX_BYTES + 1), POOL_MAX_BYTES + DMA_ALIGN);
+        assert_eq!(class_of(DMA_ALIGN), Some(0));
+        assert_eq!(class_of(POOL_MAX_BYTES), Some(NR_CLASSES - 1));
+        assert_eq!(class_of(3 * DMA_ALIGN), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "set_len")]
+    fn set_len_past_capacity_panics() {
+        DmaBuf::new(10).set_len(DMA_ALIGN + 1);
+    }
 }

@@ -637,6 +637,10 @@ mod suite {
                 assert_eq!(reactor::buf::pool_nr_free(), base);
             })
             .unwrap();
+            // A reactor's buffer dropped on another thread is simply freed.
+            let moved = h.call(R0, || DmaBuf::from_slice(&[5u8; 4096])).unwrap();
+            assert!(moved.iter().all(|&b| b == 5));
+            drop(moved);
         });
     }
 }
