@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need, idempotently: Debian packages (thin-provisioning-tools for the
-# dm-thin interop tests, fio for the benchmarks) and the Rust components (rustfmt, clippy).
+# dm-thin interop tests, fio for the benchmarks), SPDK's spdk-rpc client (PyPI package spdk)
+# and the Rust components (rustfmt, clippy).
 # Runs as root on Debian 12; with a non-root user it uses sudo when present.
 set -euo pipefail
 
@@ -24,7 +25,15 @@ for c in rustfmt clippy; do
     fi
 done
 
+# SPDK's own JSON-RPC client, unchanged from PyPI: the end-to-end tests drive thind with it.
+SPDK_PY_VERSION=26.9
+if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('spdk') != '$SPDK_PY_VERSION')" 2>/dev/null; then
+    echo "install-prereqs: pip install spdk==$SPDK_PY_VERSION"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "spdk==$SPDK_PY_VERSION"
+fi
+command -v pyenv >/dev/null && pyenv rehash || true
+
 # Fail loudly (not skip) when something is still missing.
-for bin in thin_check thin_dump thin_restore fio; do
+for bin in thin_check thin_dump thin_restore fio spdk-rpc; do
     command -v "$bin" >/dev/null || { echo "install-prereqs: $bin still missing" >&2; exit 1; }
 done
