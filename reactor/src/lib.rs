@@ -59,7 +59,7 @@ pub use cpu::CoreMask;
 pub use error::Error;
 pub use io_device::{IoChannel, IoDevice};
 pub use msg::{for_each_reactor, send_msg};
-pub use op::{Completion, CompletionHandler, Fd, OnComplete, Op, OpId};
+pub use op::{Completion, CompletionHandler, Fd, OnComplete, Op, OpId, RawRegion};
 pub use poller::{register_periodic_poller, register_poller, PollStatus, PollerHandle};
 pub use reactor::{
     core_of, current, is_interrupt_mode, now, nr_reactors, reactor_ids, request_stop,

@@ -13,8 +13,8 @@
 //! ```
 //!
 //! `Completed` is transient: the entry leaves the slab before its callback runs, so a callback
-//! may submit new ops. An `Abandoned` op keeps its resources until its CQE, then drops them
-//! without calling anyone.
+//! may submit new ops. An `Abandoned` op keeps its resources — and its callback, which may own
+//! the memory of a raw op — until its CQE, then drops both without calling the callback.
 
 use std::fmt;
 use std::io;
@@ -37,6 +37,49 @@ pub enum Fd {
 impl From<RawFd> for Fd {
     fn from(fd: RawFd) -> Self {
         Fd::Raw(fd)
+    }
+}
+
+/// Memory owned by the caller, not by the op, for [`Op::ReadRaw`]/[`Op::WriteRaw`]: lets a
+/// layer forward a sub-range of a buffer it does not own as a `DmaBuf` (split I/O, virtual
+/// bdevs).
+#[derive(Debug)]
+pub struct RawRegion {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a RawRegion is only an address range; whoever created it promised (in `new`) that
+// the memory stays valid and unaliased for the op's life, wherever the op is submitted.
+unsafe impl Send for RawRegion {}
+
+impl RawRegion {
+    /// A region of `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    ///
+    /// From submission until the op's completion callback runs — or, if the op is abandoned
+    /// or cancelled at shutdown, until that callback is dropped (which happens at the op's
+    /// CQE) — the memory must stay allocated, be valid for writes (`ReadRaw`) or reads
+    /// (`WriteRaw`), and not be accessed by anything else. Keeping the memory's owner inside
+    /// the callback satisfies this.
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> Self {
+        RawRegion { ptr, len }
+    }
+
+    /// Start address.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if zero-length.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -63,6 +106,24 @@ pub enum Op {
         offset: u64,
         /// Source.
         buf: DmaBuf,
+    },
+    /// `pread` into caller-owned memory (see [`RawRegion`]). Result: bytes read.
+    ReadRaw {
+        /// File.
+        fd: Fd,
+        /// Byte offset.
+        offset: u64,
+        /// Destination.
+        region: RawRegion,
+    },
+    /// `pwrite` from caller-owned memory (see [`RawRegion`]). Result: bytes written.
+    WriteRaw {
+        /// File.
+        fd: Fd,
+        /// Byte offset.
+        offset: u64,
+        /// Source.
+        region: RawRegion,
     },
     /// `preadv` into each buffer's length in turn. Result: total bytes read.
     Readv {
@@ -155,6 +216,8 @@ impl Op {
             Op::Nop => "nop",
             Op::Read { .. } => "read",
             Op::Write { .. } => "write",
+            Op::ReadRaw { .. } => "read_raw",
+            Op::WriteRaw { .. } => "write_raw",
             Op::Readv { .. } => "readv",
             Op::Writev { .. } => "writev",
             Op::Fsync { .. } => "fsync",

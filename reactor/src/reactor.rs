@@ -387,19 +387,20 @@ impl Core {
         self.reset_clock_stride();
     }
 
-    /// Tears down reactor-local state on the reactor's thread: timers, pollers and queued
-    /// messages are dropped (not run), the ring is drained, the buffer pool freed.
+    /// Tears down reactor-local state on the reactor's thread: the ring is drained first
+    /// (while pollers and timers, which may own memory that raw ops use, still exist), then
+    /// timers, pollers and queued messages are dropped (not run), then the buffer pool.
     pub(crate) fn shutdown(&self) {
         let me = self.me();
         me.exited.store(true, Ordering::SeqCst);
+        self.ring.drain();
+        me.nr_ops_in_flight
+            .store(self.ring.nr_in_flight(), Ordering::SeqCst);
         msg::drop_queued(me);
         let timers = self.timers.borrow_mut().clear();
         drop(timers);
         let pollers = self.pollers.borrow_mut().clear();
         drop(pollers);
-        self.ring.drain();
-        me.nr_ops_in_flight
-            .store(self.ring.nr_in_flight(), Ordering::SeqCst);
         msg::drop_queued(me);
         let bufs = self.pool.borrow_mut().close();
         drop(bufs);

@@ -10,13 +10,14 @@
 //!   ([`Ring::poll`]), never inside `submit`, at most [`REAP_BATCH`] per tick.
 //! - An op owns its buffers until its CQE even if abandoned ([`Ring::abandon`]).
 //! - At shutdown [`Ring::drain`] cancels everything in flight and waits until the slab is
-//!   empty; callbacks of ops still in flight then are dropped without being called.
+//!   empty; callbacks of ops still in flight then are dropped at their CQE without being
+//!   called.
 //!
 //! Under [`crate::sim`] the ring runs a synchronous backend: file ops (read, write, readv,
 //! writev, fsync, fallocate, close, nop) are executed with plain syscalls at submit time and
 //! their completions delivered in the next `poll`, in submission order, so simulations stay
 //! deterministic. Socket ops (recv, send, accept, connect, poll_add) and registered files
-//! complete with `-EOPNOTSUPP` there.
+//! complete with `-EOPNOTSUPP` there. Raw-region reads/writes run like read/write.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -242,12 +243,13 @@ impl Ring {
         })
     }
 
-    /// Gives up on an op: its callback is dropped now (never called) and cancellation is
-    /// requested; the op keeps its buffers until its CQE arrives, then drops them. Returns
-    /// false if `id` is not in flight (already completed or stale).
+    /// Gives up on an op: its callback will never be called, and cancellation is requested.
+    /// The op keeps its buffers and its callback until its CQE arrives, then drops both
+    /// (so memory a raw op's callback owns stays valid until the kernel is done). Returns
+    /// false if `id` is not in flight (already completed or stale) or already abandoned.
     pub fn abandon(&self, id: OpId) -> bool {
         let inner = &*self.inner;
-        let callback = {
+        {
             let mut ops = inner.ops.borrow_mut();
             let Some(entry) = ops.get_mut(id.index as usize) else {
                 return false;
@@ -256,9 +258,7 @@ impl Ring {
                 return false;
             }
             entry.state = OpState::Abandoned;
-            std::mem::replace(&mut entry.on_complete, OnComplete::Ignore)
-        };
-        drop(callback);
+        }
         self.cancel_user_data(u64::from(id.index));
         true
     }
@@ -501,8 +501,17 @@ impl Ring {
         };
         inner.nr_completed.set(inner.nr_completed.get() + 1);
         let InFlight {
-            op, on_complete, ..
+            op,
+            on_complete,
+            state,
+            ..
         } = entry;
+        if state == OpState::Abandoned {
+            // Resources first (the callback may own a raw op's memory), then the callback.
+            drop(op);
+            drop(on_complete);
+            return;
+        }
         on_complete.call(Completion { result, op });
     }
 
@@ -697,6 +706,14 @@ fn build_sqe(entry: &mut InFlight) -> squeue::Entry {
             let (ptr, len) = (buf.as_ptr(), len_u32(buf.len()));
             with_fd!(*fd, t => opcode::Write::new(t, ptr, len).offset(*offset).build())
         }
+        Op::ReadRaw { fd, offset, region } => {
+            let (ptr, len) = (region.as_ptr(), len_u32(region.len()));
+            with_fd!(*fd, t => opcode::Read::new(t, ptr, len).offset(*offset).build())
+        }
+        Op::WriteRaw { fd, offset, region } => {
+            let (ptr, len) = (region.as_ptr().cast_const(), len_u32(region.len()));
+            with_fd!(*fd, t => opcode::Write::new(t, ptr, len).offset(*offset).build())
+        }
         Op::Readv { fd, offset, bufs } => {
             entry.iovecs = iovecs_of(bufs);
             let (ptr, n) = (entry.iovecs.as_ptr(), entry.iovecs.len() as u32);
@@ -820,6 +837,8 @@ fn execute_sync(op: &mut Op) -> i32 {
         Op::Close { fd } => *fd,
         Op::Read { fd, .. }
         | Op::Write { fd, .. }
+        | Op::ReadRaw { fd, .. }
+        | Op::WriteRaw { fd, .. }
         | Op::Readv { fd, .. }
         | Op::Writev { fd, .. }
         | Op::Fsync { fd, .. }
@@ -848,6 +867,18 @@ fn execute_sync(op: &mut Op) -> i32 {
             Op::Write { offset, buf, .. } => {
                 libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), *offset as libc::off_t)
             }
+            Op::ReadRaw { offset, region, .. } => libc::pread(
+                fd,
+                region.as_ptr().cast(),
+                region.len(),
+                *offset as libc::off_t,
+            ),
+            Op::WriteRaw { offset, region, .. } => libc::pwrite(
+                fd,
+                region.as_ptr().cast(),
+                region.len(),
+                *offset as libc::off_t,
+            ),
             Op::Readv { offset, .. } => {
                 libc::preadv(fd, iovecs.as_ptr(), nr_iovecs, *offset as libc::off_t)
             }

@@ -364,6 +364,51 @@ mod suite {
             wait_until("punch + ebadf", Duration::from_secs(5), || {
                 results.lock().unwrap().len() == 4
             });
+            // Raw regions: memory owned by the callback, not by the op.
+            let out = results.clone();
+            h.call(R0, move || {
+                let ring = reactor::ring();
+                let mut src = vec![0x5Au8; 4096].into_boxed_slice();
+                // SAFETY: `src` moves into the callback, which lives until the CQE.
+                let region = unsafe { reactor::RawRegion::new(src.as_mut_ptr(), src.len()) };
+                let ring2 = ring.clone();
+                let op = Op::WriteRaw {
+                    fd: Fd::Raw(fd),
+                    offset: 49152,
+                    region,
+                };
+                ring.submit(
+                    op,
+                    OnComplete::closure(move |c: Completion| {
+                        assert_eq!(c.io_result().unwrap(), 4096);
+                        drop(src);
+                        let mut dst = vec![0u8; 4096].into_boxed_slice();
+                        // SAFETY: `dst` moves into the callback below.
+                        let region =
+                            unsafe { reactor::RawRegion::new(dst.as_mut_ptr(), dst.len()) };
+                        let op = Op::ReadRaw {
+                            fd: Fd::Raw(fd),
+                            offset: 49152,
+                            region,
+                        };
+                        ring2
+                            .submit(
+                                op,
+                                OnComplete::closure(move |c: Completion| {
+                                    assert_eq!(c.io_result().unwrap(), 4096);
+                                    assert!(dst.iter().all(|&b| b == 0x5A));
+                                    out.lock().unwrap().push("raw".into());
+                                }),
+                            )
+                            .unwrap();
+                    }),
+                )
+                .unwrap();
+            })
+            .unwrap();
+            wait_until("raw", Duration::from_secs(5), || {
+                results.lock().unwrap().len() == 5
+            });
             let in_flight = h.call(R0, || reactor::ring().nr_in_flight()).unwrap();
             assert_eq!(in_flight, 0);
         });
@@ -434,8 +479,12 @@ mod suite {
                     let mut buf = DmaBuf::new(512);
                     buf.fill(0);
                     let ptr = buf.as_ptr() as usize;
+                    let guard = DropFlag(DROPPED.with(|d| d.clone()));
                     let id = reactor::ring()
-                        .read_at(rd, 0, buf, |_, _| panic!("abandoned callback must not run"))
+                        .read_at(rd, 0, buf, move |_, _| {
+                            let _keep = &guard;
+                            panic!("abandoned callback must not run")
+                        })
                         .unwrap();
                     (id, ptr)
                 })
@@ -457,6 +506,7 @@ mod suite {
                     assert!(ring.abandon(id));
                     assert!(!ring.abandon(id), "second abandon is a no-op");
                     assert_eq!(ring.nr_in_flight(), 1, "op stays in the slab until its CQE");
+                    assert!(!DROPPED.with(|d| d.get()), "callback kept until the CQE");
                     reactor::buf::pool_nr_free()
                 })
                 .unwrap();
@@ -465,6 +515,7 @@ mod suite {
             });
             let (same_ptr, contents, pooled_after) = h
                 .call(R0, move || {
+                    assert!(DROPPED.with(|d| d.get()), "callback dropped at the CQE");
                     let after = reactor::buf::pool_nr_free();
                     let buf = DmaBuf::alloc(512);
                     (buf.as_ptr() as usize == ptr, buf.to_vec(), after)
@@ -498,6 +549,18 @@ mod suite {
         unsafe {
             libc::close(rd);
             libc::close(wr);
+        }
+    }
+
+    thread_local! {
+        static DROPPED: Rc<Cell<bool>> = Rc::new(Cell::new(false));
+    }
+
+    struct DropFlag(Rc<Cell<bool>>);
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.set(true);
         }
     }
 
