@@ -12,7 +12,13 @@
 //!
 //! All of it is `!Send` and runs on the job's reactor: the completion callback borrows the job
 //! mutably, submits the slot's next I/O and returns; a channel never calls back inside submit.
-//! The clock is read once per completion and that timestamp starts the slot's next I/O.
+//! The clock is read once per [`Job::poll`], before the channel delivers its batch of
+//! completions: every completion in the batch is stamped with that time and so is every I/O
+//! the batch submits (SPDK's bdev layer likewise stamps submissions with the reactor's cached
+//! per-iteration TSC). Latency thus has the resolution of one poll batch, and the clock costs
+//! one read per batch instead of one per I/O (a TSC read is ~10 ns here, a tenth of the
+//! per-I/O budget at 10 M IOPS). Completions delivered outside `Job::poll` (by another poller
+//! of the channel) read the clock themselves.
 
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
@@ -99,6 +105,9 @@ struct State {
     end_ticks: u64,
     last_ticks: u64,
     draining: bool,
+    /// Inside `Job::poll`: `batch_ticks` is the time of the current completion batch.
+    in_poll: bool,
+    batch_ticks: u64,
     nr_inflight: u32,
     /// Slots whose submit was refused with ENOMEM; retried from `poll`.
     retry: Vec<u32>,
@@ -156,6 +165,8 @@ impl Job {
             end_ticks: now.saturating_add(clock.from_secs(duration_secs)),
             last_ticks: now,
             draining: false,
+            in_poll: false,
+            batch_ticks: now,
             nr_inflight: 0,
             retry: Vec::new(),
             busy_units: vec![0; busy_words as usize],
@@ -185,9 +196,15 @@ impl Job {
 
     /// Delivers completions and retries refused submits. Returns work done (0 = idle).
     pub fn poll(&self) -> usize {
-        let ch = self.state.borrow().ch.clone();
+        let ch = {
+            let mut st = self.state.borrow_mut();
+            st.in_poll = true;
+            st.batch_ticks = clock::ticks();
+            st.ch.clone()
+        };
         let mut work = ch.poll();
         let mut st = self.state.borrow_mut();
+        st.in_poll = false;
         if !st.retry.is_empty() {
             let retry = std::mem::take(&mut st.retry);
             work += retry.len();
@@ -358,7 +375,7 @@ impl State {
     }
 
     fn complete(&mut self, done: IoDone) {
-        let now = clock::ticks();
+        let now = if self.in_poll { self.batch_ticks } else { clock::ticks() };
         self.last_ticks = now;
         self.nr_inflight = self.nr_inflight.saturating_sub(1);
         let tag = done.tag as u32;
