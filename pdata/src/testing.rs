@@ -542,6 +542,29 @@ impl ModelState {
         }
     }
 
+    /// The state a thin_dump XML describes (`mapped_blocks` is taken from the mappings).
+    pub fn from_xml(x: &PoolXml) -> ModelState {
+        let devices = x
+            .devices
+            .iter()
+            .map(|d| {
+                let dev = ModelDevice {
+                    transaction_id: d.transaction,
+                    creation_time: d.creation_time,
+                    snapshotted_time: d.snap_time,
+                    mappings: d.singles().map(|(v, b, t)| (v, (b, t))).collect(),
+                };
+                (d.dev_id, dev)
+            })
+            .collect();
+        ModelState {
+            time: x.time,
+            transaction_id: x.transaction,
+            nr_data_blocks: x.nr_data_blocks,
+            devices,
+        }
+    }
+
     /// Every data block some device maps.
     pub fn mapped_data_blocks(&self) -> BTreeSet<u64> {
         self.devices
@@ -739,6 +762,27 @@ impl Harness {
             nr_data_blocks,
             ..ModelState::default()
         };
+        Ok(Harness {
+            meta: Some(meta),
+            factory,
+            opts,
+            data_block_size,
+            current: state.clone(),
+            committed: state,
+            held: (None, None),
+            allocated_in_txn: BTreeSet::new(),
+            counts: BTreeMap::new(),
+        })
+    }
+
+    /// Opens existing metadata whose committed contents are `state`.
+    pub fn open(
+        mut factory: IoFactory,
+        data_block_size: u32,
+        state: ModelState,
+        opts: CacheOpts,
+    ) -> Result<Harness> {
+        let meta = PoolMetadata::open(factory(), data_block_size, opts)?;
         Ok(Harness {
             meta: Some(meta),
             factory,
