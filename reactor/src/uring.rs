@@ -144,10 +144,7 @@ impl Ring {
         max_in_flight: usize,
         eventfd: Option<RawFd>,
     ) -> Result<Ring, crate::Error> {
-        let ring = IoUring::builder()
-            .setup_cqsize(entries.saturating_mul(2))
-            .build(entries)
-            .map_err(|e| crate::Error::io("io_uring_setup", e))?;
+        let ring = build_ring(entries).map_err(|e| crate::Error::io("io_uring_setup", e))?;
         if eventfd.is_some() && !ring.params().is_feature_ext_arg() {
             return Err(crate::Error::io(
                 "interrupt mode needs IORING_FEAT_EXT_ARG (Linux 5.11+)",
@@ -602,6 +599,28 @@ impl Drop for RingInner {
         if !ops.is_empty() {
             std::mem::forget(ops);
         }
+    }
+}
+
+/// A ring owned by the calling thread alone: completions run as task work only when this
+/// thread enters the kernel (`DEFER_TASKRUN`, with the `SQ_TASKRUN` flag telling the poll
+/// loop when an enter is due), so the kernel never interrupts a spinning reactor to post a
+/// CQE. Kernels before 6.1 reject those flags; then a plain ring is used.
+fn build_ring(entries: u32) -> io::Result<IoUring> {
+    let cq_entries = entries.saturating_mul(2);
+    let owned = IoUring::builder()
+        .setup_cqsize(cq_entries)
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .build(entries);
+    match owned {
+        Ok(ring) => Ok(ring),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            IoUring::builder().setup_cqsize(cq_entries).build(entries)
+        }
+        Err(e) => Err(e),
     }
 }
 
