@@ -17,7 +17,7 @@ mod remove;
 mod walk;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use remove::{remove, remove_plain};
 pub use walk::{for_each_entry, next_entry};

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::block_io::MemBlockIo;
+use crate::space_map::format::ENTRIES_PER_BITMAP;
 
 fn opts() -> CacheOpts {
     CacheOpts {
@@ -565,4 +566,383 @@ fn random_pool_ops_match_model_seed_env() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0xC0FFEE);
     random_pool_ops(seed, 6000);
+}
+
+#[test]
+fn metadata_resize_across_a_bitmap_boundary_passes_thin_check() {
+    let nr = ENTRIES_PER_BITMAP - 8;
+    let (io, mut pmd) = new_pool(nr, 1000);
+    pmd.create_thin(DevId(1)).unwrap();
+    pmd.commit().unwrap();
+    let big = ENTRIES_PER_BITMAP + 600;
+    assert_eq!(
+        pmd.resize_metadata_dev(big).unwrap_err().kind(),
+        ErrorKind::InvalidArgument,
+        "beyond the device"
+    );
+    io.resize(big);
+    let free_before = pmd.metadata_nr_free();
+    pmd.resize_metadata_dev(big).unwrap();
+    assert_eq!(pmd.metadata_nr_blocks(), big);
+    pmd.commit().unwrap();
+    checker::check(&mut pmd);
+    // 608 more blocks, minus the new bitmap and the commit's shadows, are free.
+    assert!(
+        pmd.metadata_nr_free() > free_before + 590,
+        "{}",
+        pmd.metadata_nr_free()
+    );
+    assert_eq!(
+        pmd.resize_metadata_dev(nr).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    // Fill metadata until it must use blocks of the new bitmap.
+    for v in 0..1000u64 {
+        let d = pmd.alloc_data_block().unwrap();
+        pmd.insert_block(DevId(1), ThinBlock(v * 1000), d).unwrap();
+    }
+    pmd.commit().unwrap();
+    checker::check(&mut pmd);
+    drop(pmd);
+    let mut pmd = PoolMetadata::open(Box::new(io.clone()), 128, opts()).unwrap();
+    assert_eq!(pmd.metadata_nr_blocks(), big);
+    checker::check(&mut pmd);
+    thin_check_and_dump(&io);
+}
+
+#[test]
+fn metadata_device_is_capped_at_the_format_maximum() {
+    let pmd_io = MemBlockIo::new(MAX_METADATA_BLOCKS + 100);
+    let pmd = PoolMetadata::format(Box::new(pmd_io), 128, 10, opts()).unwrap();
+    assert_eq!(pmd.metadata_nr_blocks(), MAX_METADATA_BLOCKS);
+    assert_eq!(
+        pmd.committed_superblock().metadata_nr_blocks,
+        MAX_METADATA_BLOCKS
+    );
+}
+
+#[test]
+fn data_resize_across_bitmaps_and_enospc_until_commit() {
+    let (io, mut pmd) = new_pool(1024, 100);
+    pmd.create_thin(DevId(7)).unwrap();
+    for v in 0..100u64 {
+        let d = pmd.alloc_data_block().unwrap();
+        pmd.insert_block(DevId(7), ThinBlock(v), d).unwrap();
+    }
+    assert_eq!(pmd.data_nr_free(), 0);
+    assert_eq!(
+        pmd.alloc_data_block().unwrap_err().kind(),
+        ErrorKind::NoSpace
+    );
+    pmd.commit().unwrap();
+    assert!(pmd.remove_block(DevId(7), ThinBlock(3)).unwrap());
+    assert_eq!(pmd.data_nr_free(), 1);
+    // Freed in this transaction: not reusable before commit.
+    assert_eq!(
+        pmd.alloc_data_block().unwrap_err().kind(),
+        ErrorKind::NoSpace
+    );
+    pmd.commit().unwrap();
+    let d = pmd.alloc_data_block().unwrap();
+    assert_eq!(
+        d,
+        DataBlock(
+            pmd.find_block(DevId(7), ThinBlock(2))
+                .unwrap()
+                .unwrap()
+                .data_block
+                .0
+                + 1
+        )
+    );
+    pmd.insert_block(DevId(7), ThinBlock(3), d).unwrap();
+    assert_eq!(
+        pmd.resize_data_dev(50).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    let big = 2 * ENTRIES_PER_BITMAP + 5;
+    pmd.resize_data_dev(big).unwrap();
+    assert_eq!(pmd.data_nr_free(), big - 100);
+    for v in 100..ENTRIES_PER_BITMAP + 300 {
+        let d = pmd.alloc_data_block().unwrap();
+        pmd.insert_block(DevId(7), ThinBlock(v), d).unwrap();
+    }
+    pmd.commit().unwrap();
+    checker::check(&mut pmd);
+    thin_check_and_dump(&io);
+    assert_eq!(
+        pmd.insert_block(DevId(7), ThinBlock(1), DataBlock(big))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InvalidArgument
+    );
+}
+
+fn corrupt_block0(io: &MemBlockIo, f: impl FnOnce(&mut [u8; crate::BLOCK_SIZE]), fix_csum: bool) {
+    let mut b = [0u8; crate::BLOCK_SIZE];
+    io.read_block(0, &mut b).unwrap();
+    f(&mut b);
+    if fix_csum {
+        let c = crate::checksum::block_checksum(&b, crate::checksum::SUPERBLOCK_CSUM_XOR);
+        b[0..4].copy_from_slice(&c.to_le_bytes());
+    }
+    io.write_block(0, &b).unwrap();
+}
+
+#[test]
+fn open_refuses_damaged_or_incompatible_superblocks() {
+    type Mutation = Box<dyn Fn(&mut [u8; crate::BLOCK_SIZE])>;
+    let cases: Vec<(Mutation, bool, ErrorKind)> = vec![
+        (Box::new(|b| b[100] ^= 1), false, ErrorKind::Checksum),
+        (Box::new(|b| b[8] = 5), true, ErrorKind::BlockNr),
+        (Box::new(|b| b[32] = 1), true, ErrorKind::BadMagic),
+        (Box::new(|b| b[360] = 1), true, ErrorKind::Incompatible),
+        (Box::new(|b| b[356] = 2), true, ErrorKind::Incompatible),
+        (Box::new(|b| b[64 + 16] ^= 0x40), true, ErrorKind::BlockNr),
+    ];
+    for (mutate, fix, kind) in cases {
+        let (io, pmd) = new_pool(256, 1000);
+        drop(pmd);
+        corrupt_block0(&io, |b| mutate(b), fix);
+        let e = PoolMetadata::open(Box::new(io.clone()), 128, opts()).unwrap_err();
+        assert_eq!(e.kind(), kind, "{e}");
+    }
+    let (io, pmd) = new_pool(256, 1000);
+    drop(pmd);
+    let e = PoolMetadata::open(Box::new(io.clone()), 256, opts()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::DataBlockSizeMismatch);
+    // A corrupt tree node is a typed error naming the block, never a panic.
+    let pmd = PoolMetadata::open(Box::new(io.clone()), 128, opts()).unwrap();
+    let root = pmd.committed_superblock().device_details_root;
+    drop(pmd);
+    let mut b = [0u8; crate::BLOCK_SIZE];
+    io.read_block(root, &mut b).unwrap();
+    b[200] ^= 1;
+    io.write_block(root, &b).unwrap();
+    let mut pmd = PoolMetadata::open(Box::new(io.clone()), 128, opts()).unwrap();
+    let e = pmd.create_thin(DevId(1)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Checksum);
+    assert!(e.to_string().contains(&format!("block {root}")), "{e}");
+}
+
+#[test]
+fn format_validates_arguments_and_open_or_format_detects_zero_block() {
+    for dbs in [64, 130, 4_194_304] {
+        let e = PoolMetadata::format(Box::new(MemBlockIo::new(256)), dbs, 10, opts()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    }
+    let e = PoolMetadata::format(Box::new(MemBlockIo::new(4)), 128, 10, opts()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    for dbs in [128, 384, 2_097_152] {
+        let io = MemBlockIo::new(256);
+        let mut pmd = PoolMetadata::open_or_format(Box::new(io.clone()), dbs, 77, opts()).unwrap();
+        pmd.create_thin(DevId(3)).unwrap();
+        pmd.commit().unwrap();
+        drop(pmd);
+        let mut pmd = PoolMetadata::open_or_format(Box::new(io.clone()), dbs, 1, opts()).unwrap();
+        assert_eq!(pmd.devices().unwrap(), vec![DevId(3)]);
+        assert_eq!(pmd.data_nr_blocks(), 77);
+        assert_eq!(pmd.data_block_size_sectors(), dbs);
+    }
+}
+
+#[test]
+fn device_errors_and_id_limits() {
+    let (_io, mut pmd) = new_pool(256, 1000);
+    assert_eq!(
+        pmd.create_thin(DevId(MAX_DEV_ID + 1)).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    pmd.create_thin(DevId(MAX_DEV_ID)).unwrap();
+    assert_eq!(
+        pmd.create_thin(DevId(MAX_DEV_ID)).unwrap_err().kind(),
+        ErrorKind::Exists
+    );
+    assert_eq!(
+        pmd.create_snap(DevId(1), DevId(2)).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        pmd.create_snap(DevId(MAX_DEV_ID), DevId(MAX_DEV_ID))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Exists
+    );
+    assert_eq!(
+        pmd.delete_thin(DevId(9)).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        pmd.find_block(DevId(9), ThinBlock(0)).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        pmd.insert_block(DevId(9), ThinBlock(0), DataBlock(0))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        pmd.set_transaction_id(1, 2).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    pmd.set_transaction_id(0, 2).unwrap();
+    assert_eq!(pmd.transaction_id(), 2);
+    pmd.abort().unwrap();
+    assert_eq!(pmd.transaction_id(), 0);
+    assert_eq!(pmd.devices().unwrap(), vec![]);
+    assert_eq!(
+        pmd.release_metadata_snap().unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    let held = pmd.reserve_metadata_snap().unwrap();
+    assert_eq!(pmd.held_root(), Some(held));
+    assert_eq!(
+        pmd.reserve_metadata_snap().unwrap_err().kind(),
+        ErrorKind::Busy
+    );
+}
+
+#[test]
+fn snapshot_time_is_limited_to_24_bits() {
+    let (_io, mut pmd) = new_pool(256, 1000);
+    pmd.create_thin(DevId(1)).unwrap();
+    pmd.time = (TIME_MASK - 1) as u32;
+    pmd.create_snap(DevId(2), DevId(1)).unwrap();
+    assert_eq!(pmd.time(), TIME_MASK as u32);
+    let d = pmd.alloc_data_block().unwrap();
+    pmd.insert_block(DevId(2), ThinBlock(0), d).unwrap();
+    let l = pmd.find_block(DevId(2), ThinBlock(0)).unwrap().unwrap();
+    assert_eq!(l.time, TIME_MASK as u32);
+    assert!(!l.shared);
+    assert_eq!(
+        pmd.create_snap(DevId(3), DevId(1)).unwrap_err().kind(),
+        ErrorKind::Limit
+    );
+}
+
+#[test]
+fn snapshot_details_and_sharing_follow_the_kernel() {
+    let (io, mut pmd) = new_pool(512, 1000);
+    pmd.set_transaction_id(0, 9).unwrap();
+    pmd.create_thin(DevId(1)).unwrap();
+    let d = pmd.alloc_data_block().unwrap();
+    pmd.insert_block(DevId(1), ThinBlock(4), d).unwrap();
+    pmd.commit().unwrap();
+    let root_before = pmd.subtree_root(DevId(1), false).unwrap();
+    pmd.create_snap(DevId(5), DevId(1)).unwrap();
+    assert_eq!(pmd.subtree_root(DevId(5), false).unwrap(), root_before);
+    assert_eq!(pmd.tm.ref_count(root_before).unwrap(), 2);
+    assert_eq!(
+        pmd.data_block_count(d).unwrap(),
+        1,
+        "snapshot does not touch data counts"
+    );
+    let o = pmd.device_details(DevId(1)).unwrap().unwrap();
+    let s = pmd.device_details(DevId(5)).unwrap().unwrap();
+    assert_eq!(
+        (o.creation_time, o.snapshotted_time, o.transaction_id),
+        (0, 1, 9)
+    );
+    assert_eq!(
+        (s.creation_time, s.snapshotted_time, s.mapped_blocks),
+        (1, 1, 1)
+    );
+    assert!(
+        pmd.find_block(DevId(1), ThinBlock(4))
+            .unwrap()
+            .unwrap()
+            .shared
+    );
+    // Break sharing in the origin: the leaf is copied and the old block gains the snapshot's
+    // leaf as its only reference.
+    let d2 = pmd.alloc_data_block().unwrap();
+    pmd.insert_block(DevId(1), ThinBlock(4), d2).unwrap();
+    assert_eq!(pmd.data_block_count(d).unwrap(), 1);
+    assert!(
+        !pmd.find_block(DevId(1), ThinBlock(4))
+            .unwrap()
+            .unwrap()
+            .shared
+    );
+    assert_eq!(
+        pmd.find_block(DevId(5), ThinBlock(4))
+            .unwrap()
+            .unwrap()
+            .data_block,
+        d
+    );
+    pmd.commit().unwrap();
+    checker::check(&mut pmd);
+    let dump = thin_check_and_dump(&io);
+    assert!(dump.contains("dev_id=\"5\" mapped_blocks=\"1\" transaction=\"9\" creation_time=\"1\" snap_time=\"1\""), "{dump}");
+}
+
+#[test]
+fn try_find_block_never_does_io() {
+    let (io, mut pmd) = new_pool(1024, 10_000);
+    pmd.create_thin(DevId(1)).unwrap();
+    for v in 0..3000u64 {
+        let d = pmd.alloc_data_block().unwrap();
+        pmd.insert_block(DevId(1), ThinBlock(v), d).unwrap();
+    }
+    pmd.commit().unwrap();
+    drop(pmd);
+    let mut pmd = PoolMetadata::open(Box::new(io.clone()), 128, opts()).unwrap();
+    let reads = pmd.cache_stats().nr_reads;
+    let e = pmd.try_find_block(DevId(1), ThinBlock(2000)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::WouldBlock);
+    assert_eq!(pmd.cache_stats().nr_reads, reads);
+    pmd.prefetch_block(DevId(1), ThinBlock(2000)).unwrap();
+    let l = pmd
+        .try_find_block(DevId(1), ThinBlock(2000))
+        .unwrap()
+        .unwrap();
+    assert_eq!(Some(l), pmd.find_block(DevId(1), ThinBlock(2000)).unwrap());
+    let e = pmd.try_find_block(DevId(1), ThinBlock(9999)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::WouldBlock, "another leaf");
+    pmd.prefetch_block(DevId(1), ThinBlock(9999)).unwrap();
+    assert_eq!(pmd.try_find_block(DevId(1), ThinBlock(9999)).unwrap(), None);
+}
+
+#[test]
+fn needs_check_is_written_immediately_and_survives_commits() {
+    let (io, mut pmd) = new_pool(256, 100);
+    assert!(!pmd.needs_check());
+    pmd.create_thin(DevId(1)).unwrap();
+    pmd.set_needs_check().unwrap();
+    drop(pmd);
+    let mut pmd = PoolMetadata::open(Box::new(io.clone()), 128, opts()).unwrap();
+    assert!(pmd.needs_check());
+    assert_eq!(
+        pmd.devices().unwrap(),
+        vec![],
+        "uncommitted changes are not written"
+    );
+    pmd.commit().unwrap();
+    drop(pmd);
+    let pmd = PoolMetadata::open(Box::new(io.clone()), 128, opts()).unwrap();
+    assert!(pmd.needs_check());
+}
+
+#[test]
+fn open_time_and_memory_do_not_depend_on_mapping_count() {
+    let (io, mut pmd) = new_pool(8192, 200_000);
+    pmd.create_thin(DevId(1)).unwrap();
+    for v in 0..150_000u64 {
+        let d = pmd.alloc_data_block().unwrap();
+        pmd.insert_block(DevId(1), ThinBlock(v), d).unwrap();
+    }
+    pmd.commit().unwrap();
+    drop(pmd);
+    let small = CacheOpts {
+        nr_cache_blocks: 64,
+    };
+    let mut pmd = PoolMetadata::open(Box::new(io.clone()), 128, small).unwrap();
+    // Open reads the superblock, the metadata index and bitmaps, the data index and bitmaps.
+    assert!(pmd.cache_stats().nr_reads < 30, "{:?}", pmd.cache_stats());
+    for v in (0..150_000u64).step_by(997) {
+        assert!(pmd.find_block(DevId(1), ThinBlock(v)).unwrap().is_some());
+    }
+    assert!(pmd.tm.bm.nr_cached() <= 64);
 }
