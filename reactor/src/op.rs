@@ -23,6 +23,7 @@ use std::os::fd::RawFd;
 use std::rc::Rc;
 
 use crate::buf::DmaBuf;
+use crate::uring::FixedBuf;
 
 /// A file descriptor for an op: a plain fd, or an index into the ring's registered files
 /// ([`crate::Ring::register_files`]).
@@ -125,6 +126,25 @@ pub enum Op {
         /// Source.
         region: RawRegion,
     },
+    /// `pread` into a registered buffer (`IORING_OP_READ_FIXED`: no page pinning per I/O).
+    /// Result: bytes read.
+    ReadFixed {
+        /// File.
+        fd: Fd,
+        /// Byte offset.
+        offset: u64,
+        /// Destination, from [`crate::Ring::alloc_fixed_buf`] of the same ring.
+        buf: FixedBuf,
+    },
+    /// `pwrite` from a registered buffer. Result: bytes written.
+    WriteFixed {
+        /// File.
+        fd: Fd,
+        /// Byte offset.
+        offset: u64,
+        /// Source, from [`crate::Ring::alloc_fixed_buf`] of the same ring.
+        buf: FixedBuf,
+    },
     /// `preadv` into each buffer's length in turn. Result: total bytes read.
     Readv {
         /// File.
@@ -217,6 +237,8 @@ impl Op {
             Op::Read { .. } => "read",
             Op::Write { .. } => "write",
             Op::ReadRaw { .. } => "read_raw",
+            Op::ReadFixed { .. } => "read_fixed",
+            Op::WriteFixed { .. } => "write_fixed",
             Op::WriteRaw { .. } => "write_raw",
             Op::Readv { .. } => "readv",
             Op::Writev { .. } => "writev",
@@ -256,6 +278,14 @@ impl Completion {
         match self.op {
             Op::Read { buf, .. } | Op::Write { buf, .. } => Some(buf),
             Op::Recv { buf, .. } | Op::Send { buf, .. } => Some(buf),
+            _ => None,
+        }
+    }
+
+    /// The registered buffer of a ReadFixed/WriteFixed op, else None.
+    pub fn into_fixed_buf(self) -> Option<FixedBuf> {
+        match self.op {
+            Op::ReadFixed { buf, .. } | Op::WriteFixed { buf, .. } => Some(buf),
             _ => None,
         }
     }

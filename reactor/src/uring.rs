@@ -24,8 +24,9 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::RawFd;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
@@ -108,6 +109,100 @@ struct RingInner {
     nr_completed: Cell<u64>,
     /// SQEs were pushed since the last enter (skips touching the SQ on idle ticks).
     sq_dirty: Cell<bool>,
+    /// Registered buffers by index: `None` while lent out as a [`FixedBuf`]. Declared after
+    /// `backend` so the ring (and its registration) is gone before the memory is freed.
+    fixed: RefCell<Vec<Option<DmaBuf>>>,
+    fixed_free: RefCell<Vec<u16>>,
+}
+
+/// Most registered buffers per ring.
+pub const MAX_FIXED_BUFS: usize = 16384;
+
+/// A buffer registered with one reactor's ring ([`Ring::register_buffers`]), for
+/// [`Op::ReadFixed`]/[`Op::WriteFixed`]. `!Send`; dropping it returns it to its ring.
+pub struct FixedBuf {
+    buf: Option<DmaBuf>,
+    index: u16,
+    home: Weak<RingInner>,
+}
+
+impl FixedBuf {
+    fn dma(&self) -> &DmaBuf {
+        self.buf
+            .as_ref()
+            .expect("FixedBuf holds its buffer until dropped")
+    }
+
+    fn dma_mut(&mut self) -> &mut DmaBuf {
+        self.buf
+            .as_mut()
+            .expect("FixedBuf holds its buffer until dropped")
+    }
+
+    /// Index in the ring's registered-buffer table.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Length in bytes (what a read fills and a write sends).
+    pub fn len(&self) -> usize {
+        self.dma().len()
+    }
+
+    /// True if the length is zero.
+    pub fn is_empty(&self) -> bool {
+        self.dma().is_empty()
+    }
+
+    /// Capacity (the registered size).
+    pub fn capacity(&self) -> usize {
+        self.dma().capacity()
+    }
+
+    /// Sets the length; panics past the capacity.
+    pub fn set_len(&mut self, len: usize) {
+        self.dma_mut().set_len(len);
+    }
+
+    fn ptr(&mut self) -> *mut u8 {
+        self.dma_mut().as_mut_ptr()
+    }
+}
+
+impl Deref for FixedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.dma()
+    }
+}
+
+impl DerefMut for FixedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.dma_mut()
+    }
+}
+
+impl fmt::Debug for FixedBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FixedBuf")
+            .field("index", &self.index)
+            .field("len", &self.buf.as_ref().map(|b| b.len()))
+            .finish()
+    }
+}
+
+impl Drop for FixedBuf {
+    fn drop(&mut self) {
+        let Some(buf) = self.buf.take() else { return };
+        match self.home.upgrade() {
+            Some(ring) => {
+                ring.fixed.borrow_mut()[usize::from(self.index)] = Some(buf);
+                ring.fixed_free.borrow_mut().push(self.index);
+            }
+            // The ring (and so the registration) is gone: the memory is ordinary now.
+            None => drop(buf),
+        }
+    }
 }
 
 /// Handle on one reactor's ring. `!Send`: use it on its reactor only.
@@ -186,6 +281,8 @@ impl Ring {
                 nr_enters: Cell::new(0),
                 nr_completed: Cell::new(0),
                 sq_dirty: Cell::new(false),
+                fixed: RefCell::new(Vec::new()),
+                fixed_free: RefCell::new(Vec::new()),
             }),
         }
     }
@@ -289,6 +386,58 @@ impl Ring {
             Backend::Uring { ring, .. } => ring.submitter().register_files(fds),
             Backend::Sync { .. } => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
         }
+    }
+
+    /// Allocates `nr` buffers of `len` bytes and registers them with the kernel, so reads
+    /// and writes through them ([`Op::ReadFixed`], [`Op::WriteFixed`]) skip the per-I/O page
+    /// pinning — which matters for `O_DIRECT`. Once per ring. Errors: EINVAL for `nr` of 0 or
+    /// over [`MAX_FIXED_BUFS`], EBUSY if already registered, or the kernel's error (e.g.
+    /// ENOMEM under `RLIMIT_MEMLOCK`). Under the simulator the buffers exist but are not
+    /// registered (fixed ops run as plain reads/writes).
+    pub fn register_buffers(&self, nr: usize, len: usize) -> io::Result<()> {
+        let inner = &*self.inner;
+        if nr == 0 || nr > MAX_FIXED_BUFS {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if !inner.fixed.borrow().is_empty() {
+            return Err(io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        let mut bufs: Vec<DmaBuf> = (0..nr).map(|_| DmaBuf::new(len)).collect();
+        let iovecs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.capacity(),
+            })
+            .collect();
+        if let Backend::Uring { ring, .. } = &*inner.backend.borrow() {
+            // SAFETY: the buffers are kept in `inner.fixed` (or lent out as FixedBufs that
+            // return there) until the ring is dropped, which unregisters them first.
+            unsafe { ring.submitter().register_buffers(&iovecs) }?;
+        }
+        *inner.fixed.borrow_mut() = bufs.into_iter().map(Some).collect();
+        *inner.fixed_free.borrow_mut() = (0..nr as u16).rev().collect();
+        Ok(())
+    }
+
+    /// A free registered buffer, with its length set to its capacity; None if all are in use
+    /// (or none are registered).
+    pub fn alloc_fixed_buf(&self) -> Option<FixedBuf> {
+        let inner = &*self.inner;
+        let index = inner.fixed_free.borrow_mut().pop()?;
+        let mut buf = inner.fixed.borrow_mut()[usize::from(index)].take()?;
+        let capacity = buf.capacity();
+        buf.set_len(capacity);
+        Some(FixedBuf {
+            buf: Some(buf),
+            index,
+            home: Rc::downgrade(&self.inner),
+        })
+    }
+
+    /// Registered buffers not lent out.
+    pub fn nr_free_fixed_bufs(&self) -> usize {
+        self.inner.fixed_free.borrow().len()
     }
 
     /// Removes the registered files (only when no op using them is in flight).
@@ -725,6 +874,18 @@ fn build_sqe(entry: &mut InFlight) -> squeue::Entry {
             let (ptr, len) = (buf.as_ptr(), len_u32(buf.len()));
             with_fd!(*fd, t => opcode::Write::new(t, ptr, len).offset(*offset).build())
         }
+        Op::ReadFixed { fd, offset, buf } => {
+            let (ptr, len, index) = (buf.ptr(), len_u32(buf.len()), buf.index());
+            with_fd!(*fd, t => opcode::ReadFixed::new(t, ptr, len, index)
+                .offset(*offset)
+                .build())
+        }
+        Op::WriteFixed { fd, offset, buf } => {
+            let (ptr, len, index) = (buf.ptr().cast_const(), len_u32(buf.len()), buf.index());
+            with_fd!(*fd, t => opcode::WriteFixed::new(t, ptr, len, index)
+                .offset(*offset)
+                .build())
+        }
         Op::ReadRaw { fd, offset, region } => {
             let (ptr, len) = (region.as_ptr(), len_u32(region.len()));
             with_fd!(*fd, t => opcode::Read::new(t, ptr, len).offset(*offset).build())
@@ -858,6 +1019,8 @@ fn execute_sync(op: &mut Op) -> i32 {
         | Op::Write { fd, .. }
         | Op::ReadRaw { fd, .. }
         | Op::WriteRaw { fd, .. }
+        | Op::ReadFixed { fd, .. }
+        | Op::WriteFixed { fd, .. }
         | Op::Readv { fd, .. }
         | Op::Writev { fd, .. }
         | Op::Fsync { fd, .. }
@@ -885,6 +1048,12 @@ fn execute_sync(op: &mut Op) -> i32 {
             ),
             Op::Write { offset, buf, .. } => {
                 libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), *offset as libc::off_t)
+            }
+            Op::ReadFixed { offset, buf, .. } => {
+                libc::pread(fd, buf.ptr().cast(), buf.len(), *offset as libc::off_t)
+            }
+            Op::WriteFixed { offset, buf, .. } => {
+                libc::pwrite(fd, buf.ptr().cast(), buf.len(), *offset as libc::off_t)
             }
             Op::ReadRaw { offset, region, .. } => libc::pread(
                 fd,

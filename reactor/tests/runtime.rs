@@ -415,6 +415,79 @@ mod suite {
         drop(file);
     }
 
+    /// Registered buffers: write and read back through READ_FIXED/WRITE_FIXED; the buffers
+    /// return to the ring when dropped; the table is bounded and registered once.
+    pub fn registered_buffers(interrupt_mode: bool) {
+        let file = tempfile::tempfile().unwrap();
+        let fd = file.as_raw_fd();
+        with_runtime(options(1, interrupt_mode), |h| {
+            h.call(R0, || {
+                let ring = reactor::ring();
+                assert!(ring.alloc_fixed_buf().is_none(), "nothing registered yet");
+                assert_eq!(
+                    ring.register_buffers(0, 4096).unwrap_err().raw_os_error(),
+                    Some(libc::EINVAL)
+                );
+                ring.register_buffers(4, 4096).unwrap();
+                assert_eq!(
+                    ring.register_buffers(4, 4096).unwrap_err().raw_os_error(),
+                    Some(libc::EBUSY)
+                );
+                let held: Vec<_> = (0..4).map(|_| ring.alloc_fixed_buf().unwrap()).collect();
+                assert!(ring.alloc_fixed_buf().is_none(), "all four lent out");
+                drop(held);
+                assert_eq!(ring.nr_free_fixed_bufs(), 4);
+            })
+            .unwrap();
+            let ok = Arc::new(AtomicUsize::new(0));
+            let ok2 = ok.clone();
+            h.call(R0, move || {
+                let ring = reactor::ring();
+                let mut buf = ring.alloc_fixed_buf().unwrap();
+                assert_eq!(buf.len(), 4096);
+                buf.fill(0xC3);
+                let ring2 = ring.clone();
+                let op = Op::WriteFixed {
+                    fd: Fd::Raw(fd),
+                    offset: 8192,
+                    buf,
+                };
+                ring.submit(
+                    op,
+                    OnComplete::closure(move |c: Completion| {
+                        assert_eq!(c.io_result().unwrap(), 4096);
+                        let mut buf = c.into_fixed_buf().unwrap();
+                        buf.fill(0);
+                        let op = Op::ReadFixed {
+                            fd: Fd::Raw(fd),
+                            offset: 8192,
+                            buf,
+                        };
+                        ring2
+                            .submit(
+                                op,
+                                OnComplete::closure(move |c: Completion| {
+                                    assert_eq!(c.io_result().unwrap(), 4096);
+                                    let buf = c.into_fixed_buf().unwrap();
+                                    assert!(buf.iter().all(|&b| b == 0xC3));
+                                    ok2.fetch_add(1, Ordering::SeqCst);
+                                }),
+                            )
+                            .unwrap();
+                    }),
+                )
+                .unwrap();
+            })
+            .unwrap();
+            wait_until("fixed round trip", Duration::from_secs(5), || {
+                ok.load(Ordering::SeqCst) == 1
+            });
+            let free = h.call(R0, || reactor::ring().nr_free_fixed_bufs()).unwrap();
+            assert_eq!(free, 4, "buffer returned to the ring after its completion");
+        });
+        drop(file);
+    }
+
     struct Counter {
         total: Cell<u64>,
         tags: RefCell<Vec<u64>>,
@@ -726,6 +799,7 @@ both_modes!(
     deferred_unregistration,
     uring_file_round_trip,
     handler_batching_and_limits,
+    registered_buffers,
     abandoned_op_keeps_buffer_until_cqe,
     slab_empty_at_shutdown,
     io_channels_and_for_each,
