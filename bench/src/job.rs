@@ -22,7 +22,7 @@
 
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bdev::{BdevChannel, IoBuf, IoCallback, IoDone, IoType, SubmitError};
@@ -70,11 +70,19 @@ pub struct JobOutcome {
     pub error: Option<String>,
 }
 
-/// Progress counters a job publishes for the progress line (single writer, relaxed stores).
+/// What a job shares with the main thread: its completion counter for the progress line
+/// (single writer, relaxed stores) and a stop request (checked once per poll).
 #[derive(Debug, Default)]
 pub struct Progress {
     /// I/Os completed so far.
     pub nr_completed: AtomicU64,
+    /// Set by the main thread to end the job early (SIGINT/SIGTERM): it drains and reports.
+    pub stop: AtomicBool,
+}
+
+enum Refusal {
+    Channel(SubmitError),
+    NoBuffer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,6 +208,9 @@ impl Job {
             let mut st = self.state.borrow_mut();
             st.in_poll = true;
             st.batch_ticks = clock::ticks();
+            if st.progress.stop.load(Ordering::Relaxed) {
+                st.draining = true;
+            }
             st.ch.clone()
         };
         let mut work = ch.poll();
@@ -315,46 +326,56 @@ impl State {
     }
 
     fn submit(&mut self, tag: u32, op: Op) {
-        let Some(cb) = self.cb.clone() else {
-            return;
+        match self.submit_to_channel(tag, op) {
+            Ok(true) => self.nr_inflight += 1,
+            Ok(false) => {}
+            Err(Refusal::Channel(e)) => self.submit_failed(tag, op, e),
+            Err(Refusal::NoBuffer) => self.fail(format!("{} without a buffer", op.name())),
+        }
+    }
+
+    /// Hands the slot's I/O to the channel; `Ok(false)` when the job has already finished.
+    /// Borrows the fields it needs one by one, so the callback is passed without cloning.
+    #[inline]
+    fn submit_to_channel(&mut self, tag: u32, op: Op) -> Result<bool, Refusal> {
+        let State {
+            cb,
+            slots,
+            spec,
+            ch,
+            ..
+        } = self;
+        let (Some(cb), Some(slot)) = (cb.as_ref(), slots.get_mut(tag as usize)) else {
+            return Ok(false);
         };
-        let Some(slot) = self.slots.get_mut(tag as usize) else {
-            return;
-        };
-        let mut offset = self.spec.first_block + slot.unit * self.spec.io_size_blocks;
-        let mut nr_blocks = self.spec.io_size_blocks;
+        let mut offset = spec.first_block + slot.unit * spec.io_size_blocks;
+        let mut nr_blocks = spec.io_size_blocks;
         let tag64 = u64::from(tag);
         let result = match op {
             Op::Read | Op::Write => {
-                let Some(mut buf) = slot.buf.take() else {
-                    self.fail(format!("{} without a buffer", op.name()));
-                    return;
-                };
+                let mut buf = slot.buf.take().ok_or(Refusal::NoBuffer)?;
                 if slot.phase == Phase::VerifyCorrupt {
                     // Overwrite one block of the unit with a foreign but well-formed pattern.
-                    let lba = self.spec.inject_corruption_lba.unwrap_or(offset);
-                    let bs = self.spec.block_size as usize;
+                    let lba = spec.inject_corruption_lba.unwrap_or(offset);
+                    let bs = spec.block_size as usize;
                     buf.set_len(bs);
                     verify::stamp(&mut buf, bs, lba, slot.seed ^ verify::FOREIGN_SEED_XOR);
                     offset = lba;
                     nr_blocks = 1;
-                } else if slot.phase == Phase::VerifyRead && self.spec.verify_data {
-                    verify::poison(&mut buf, self.spec.block_size as usize, offset);
+                } else if slot.phase == Phase::VerifyRead && spec.verify_data {
+                    verify::poison(&mut buf, spec.block_size as usize, offset);
                 }
                 if op == Op::Read {
-                    self.ch.read(buf, offset, nr_blocks, tag64, &cb)
+                    ch.read(buf, offset, nr_blocks, tag64, cb)
                 } else {
-                    self.ch.write(buf, offset, nr_blocks, tag64, &cb)
+                    ch.write(buf, offset, nr_blocks, tag64, cb)
                 }
             }
-            Op::Unmap => self.ch.unmap(offset, nr_blocks, tag64, &cb),
-            Op::Flush => self.ch.flush(offset, nr_blocks, tag64, &cb),
-            Op::WriteZeroes => self.ch.write_zeroes(offset, nr_blocks, tag64, &cb),
+            Op::Unmap => ch.unmap(offset, nr_blocks, tag64, cb),
+            Op::Flush => ch.flush(offset, nr_blocks, tag64, cb),
+            Op::WriteZeroes => ch.write_zeroes(offset, nr_blocks, tag64, cb),
         };
-        match result {
-            Ok(()) => self.nr_inflight += 1,
-            Err(e) => self.submit_failed(tag, op, e),
-        }
+        result.map(|()| true).map_err(Refusal::Channel)
     }
 
     fn submit_failed(&mut self, tag: u32, op: Op, e: SubmitError) {
@@ -375,7 +396,11 @@ impl State {
     }
 
     fn complete(&mut self, done: IoDone) {
-        let now = if self.in_poll { self.batch_ticks } else { clock::ticks() };
+        let now = if self.in_poll {
+            self.batch_ticks
+        } else {
+            clock::ticks()
+        };
         self.last_ticks = now;
         self.nr_inflight = self.nr_inflight.saturating_sub(1);
         let tag = done.tag as u32;

@@ -30,12 +30,16 @@ pub struct JobReport {
     pub summary: Summary,
     /// Why the job failed, if it did.
     pub error: Option<String>,
+    /// The run was ended early by a signal.
+    pub terminated: bool,
 }
 
 impl JobReport {
     /// SPDK's status word.
     pub fn status(&self) -> &'static str {
-        if self.error.is_some() || self.summary.nr_failed > 0 {
+        if self.terminated {
+            "terminated"
+        } else if self.error.is_some() || self.summary.nr_failed > 0 {
             "failed"
         } else {
             "finished"
@@ -225,6 +229,7 @@ mod tests {
                 ..Summary::default()
             },
             error: None,
+            terminated: false,
         }
     }
 

@@ -36,7 +36,12 @@ pub struct RunOutput {
     pub failed: bool,
     /// Each failed job's error, one line each.
     pub errors: Vec<String>,
+    /// The run was cut short by SIGINT or SIGTERM.
+    pub interrupted: bool,
 }
+
+/// How often the main thread checks for SIGINT/SIGTERM while jobs run.
+const SIGNAL_POLL: Duration = Duration::from_millis(100);
 
 struct PlannedJob {
     spec: JobSpec,
@@ -56,6 +61,7 @@ pub fn run(opts: &Options) -> Result<RunOutput, String> {
     let runtime = Runtime::start(RuntimeOptions::new(mask), || {})
         .map_err(|e| format!("cannot start reactors on cores {:?}: {e}", opts.cores))?;
     let handle = runtime.handle();
+    signal::install();
     let result = run_on(opts, &handle, calls, clock);
     handle.stop();
     let joined = runtime.join();
@@ -315,15 +321,30 @@ fn collect(
     let mut nr_done = 0;
     let mut last = (start, 0u64);
     let mut next_tick = interval.map(|i| start + i);
+    let mut stop_sent = false;
     while nr_done < nr_jobs {
         let now = Instant::now();
+        if !stop_sent && signal::received() {
+            stop_sent = true;
+            println!(
+                "Received shutdown signal, test time was about {:.6} seconds",
+                (now - start).as_secs_f64()
+            );
+            for p in progress {
+                p.stop.store(true, Ordering::Relaxed);
+            }
+        }
         if now >= deadline {
             return Err(format!(
                 "{} job(s) did not finish within 30 s of the time limit",
                 nr_jobs - nr_done
             ));
         }
-        let wake = next_tick.unwrap_or(deadline).min(deadline);
+        // Wake at least every 100 ms to notice a signal.
+        let wake = next_tick
+            .unwrap_or(deadline)
+            .min(deadline)
+            .min(now + SIGNAL_POLL);
         match rx.recv_timeout(wake.saturating_duration_since(now)) {
             Ok((i, outcome)) => {
                 if let Some(slot) = outcomes.get_mut(i) {
@@ -393,6 +414,7 @@ fn build_report(
                 .then_some((spec.first_block, spec.nr_units * spec.io_size_blocks)),
             summary,
             error: outcome.error,
+            terminated: signal::received(),
         });
     }
     let total = Summary {
@@ -419,6 +441,7 @@ fn build_report(
         verify_range: None,
         summary: total,
         error: reports.iter().find_map(|r| r.error.clone()),
+        terminated: signal::received(),
     };
     let total_json: Value = report::json_value(&total_report);
     text.push_str(&total_json.to_string());
@@ -428,5 +451,40 @@ fn build_report(
         text,
         failed,
         errors,
+        interrupted: signal::received(),
+    }
+}
+
+/// SIGINT/SIGTERM: recorded in an atomic by an async-signal-safe handler; the main thread
+/// then asks every job to drain, and the report covers the time actually run (as SPDK's
+/// bdevperf does on a shutdown signal).
+mod signal {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static RECEIVED: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn on_signal(_signo: libc::c_int) {
+        RECEIVED.store(true, Ordering::Relaxed);
+    }
+
+    /// Installs the handler for SIGINT and SIGTERM.
+    pub fn install() {
+        for signo in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: `sigaction` is called with a zero-initialised struct whose handler is an
+            // `extern "C"` function that only stores to an atomic (async-signal-safe); the mask
+            // is emptied with sigemptyset before use.
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+                action.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut action.sa_mask);
+                libc::sigaction(signo, &action, std::ptr::null_mut());
+            }
+        }
+    }
+
+    /// Whether a signal arrived.
+    pub fn received() -> bool {
+        RECEIVED.load(Ordering::Relaxed)
     }
 }

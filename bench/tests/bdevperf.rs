@@ -572,3 +572,41 @@ fn help_exits_zero() {
     assert_eq!(run.status, 0);
     assert!(run.stdout.contains("-q DEPTH") && run.stdout.contains("write_zeroes"));
 }
+
+#[test]
+fn sigint_ends_the_run_early_with_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = malloc_config(dir.path());
+    let child = Command::new(BIN)
+        .args([
+            "-q", "4", "-o", "4k", "-w", "randread", "-t", "60", "-S", "0", "--json",
+        ])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn bdevperf");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on the pid of a child this test spawned and has not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed().as_secs() < 10, "bdevperf ignored SIGINT");
+    let run = Run {
+        status: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_eq!(run.status, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("Received shutdown signal"),
+        "{}",
+        run.stdout
+    );
+    let job = run.job("Malloc0");
+    assert_eq!(job["status"], "terminated");
+    let runtime = job["runtime"].as_f64().unwrap();
+    assert!(runtime > 0.5 && runtime < 10.0, "runtime {runtime}");
+    assert!(job["iops"].as_f64().unwrap() > 0.0);
+}

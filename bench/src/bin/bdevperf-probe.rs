@@ -48,7 +48,9 @@ fn usage(msg: &str) -> ExitCode {
 
 fn memcpy(size: usize, duration: Duration) {
     let size = size.min(SOURCE_BYTES);
-    let src: Vec<u8> = (0..SOURCE_BYTES).map(|i| (i as u8).wrapping_mul(31)).collect();
+    let src: Vec<u8> = (0..SOURCE_BYTES)
+        .map(|i| (i as u8).wrapping_mul(31))
+        .collect();
     let mut dst = vec![0u8; size];
     let nr_slots = SOURCE_BYTES / size;
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
