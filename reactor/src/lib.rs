@@ -24,6 +24,12 @@
 //! interrupt mode an idle tick is followed by a sleep in `io_uring_enter` that ends on a
 //! message (eventfd), a completion, the next timer/periodic-poller deadline, or stop.
 //!
+//! Interrupt mode sleeps in `io_uring_enter(GETEVENTS, min_complete=1)` with the next
+//! deadline passed as the wait timeout (`IORING_ENTER_EXT_ARG`, Linux 5.11+, rather than a
+//! timeout SQE: nothing to cancel or re-arm); a one-shot `POLL_ADD` on the reactor's eventfd,
+//! re-armed after each wake-up, makes cross-core messages and stop requests complete the wait.
+//! Senders write the eventfd only if the target announced it is about to sleep.
+//!
 //! # Affinity rules
 //!
 //! - Functions that act on "the current reactor" ([`current`], [`register_poller`], [`after`],
@@ -40,6 +46,14 @@
 //! [`sim::Sim`] steps many reactors in one thread with a virtual clock from a printed seed, so
 //! cross-reactor logic can be tested reproducibly. See its module docs for what the ring does
 //! there.
+
+//! # Cost (measured, release build, loaded 2-core VM)
+//!
+//! `cargo run --release -p reactor --example reactor_bench`: an empty tick with one poller
+//! ≈ 30 ns (30-35 M ticks/s), a poller completing one fake I/O per call 22-32 M ticks/s; the
+//! tick reads the clock only when timers or periodic pollers exist, and then only every few
+//! µs. Cross-core message stream ≈ 2.5 M msgs/s (one `Box` per message); io_uring NOPs at
+//! depth 128 ≈ 4.5 M ops/s; cached 4 KiB reads ≈ 0.9 M IOPS on one core.
 
 pub mod buf;
 pub mod cpu;

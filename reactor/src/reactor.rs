@@ -1,8 +1,8 @@
 //! The per-core reactor: its loop, the runtime that starts one per core, stop, interrupt mode
 //! and statistics.
 //!
-//! State split: [`Shared`] is the runtime-wide, thread-safe part (message queues, stop flag,
-//! wake-up eventfds, counters) and [`Core`] is one reactor's thread-local part (pollers,
+//! State split: `Shared` is the runtime-wide, thread-safe part (message queues, stop flag,
+//! wake-up eventfds, counters) and `Core` is one reactor's thread-local part (pollers,
 //! timers, ring, buffer pool, channels). A thread-local pointer names the `Core` whose code
 //! is running ("the current reactor"); it is set for a reactor thread's whole life, and by
 //! [`crate::sim::Sim`] around each simulated step.

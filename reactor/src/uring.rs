@@ -7,7 +7,7 @@
 //!   earlier if the SQ fills up: then it submits and retries the push; if the kernel cannot
 //!   take more either, the SQE waits in a backlog for the next tick).
 //! - Completions are reaped and their callbacks run only from the reactor loop
-//!   ([`Ring::poll`]), never inside `submit`, at most [`REAP_BATCH`] per tick.
+//!   (`Ring::poll`), never inside `submit`, at most [`REAP_BATCH`] per tick.
 //! - An op owns its buffers until its CQE even if abandoned ([`Ring::abandon`]).
 //! - At shutdown [`Ring::drain`] cancels everything in flight and waits until the slab is
 //!   empty; callbacks of ops still in flight then are dropped at their CQE without being
