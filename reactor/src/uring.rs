@@ -9,7 +9,7 @@
 //! - Completions are reaped and their callbacks run only from the reactor loop
 //!   (`Ring::poll`), never inside `submit`, at most [`REAP_BATCH`] per tick.
 //! - An op owns its buffers until its CQE even if abandoned ([`Ring::abandon`]).
-//! - At shutdown [`Ring::drain`] cancels everything in flight and waits until the slab is
+//! - At shutdown `Ring::drain` cancels everything in flight and waits until the slab is
 //!   empty; callbacks of ops still in flight then are dropped at their CQE without being
 //!   called.
 //!
