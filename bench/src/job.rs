@@ -529,3 +529,6 @@ pub fn io_type_of(op: Op) -> IoType {
         Op::WriteZeroes => IoType::WriteZeroes,
     }
 }
+
+#[cfg(test)]
+mod tests;
