@@ -4,7 +4,8 @@
 #   BENCH_SECONDS  run time of each measurement (default 5)
 #   BENCH_REPS     repetitions of each measurement; the median is reported (default 3)
 #   BENCH_CORE     CPU the measured process is pinned to (default 1, or 0 on a 1-CPU machine)
-#   BENCH_DIR      scratch directory for configs and files (default: a fresh mktemp -d)
+#   BENCH_DIR      scratch directory for configs and files, kept (default: a temporary one,
+#                  removed at exit)
 #   BDEVPERF       bdevperf binary (default: built here with cargo build --release -p bench)
 set -euo pipefail
 
@@ -14,7 +15,10 @@ if [ -z "${BENCH_CORE:-}" ]; then
     if [ "$(nproc)" -gt 1 ]; then BENCH_CORE=1; else BENCH_CORE=0; fi
 fi
 BENCH_MASK=$(printf '0x%x' $((1 << BENCH_CORE)))
-BENCH_DIR=${BENCH_DIR:-$(mktemp -d /var/tmp/bdevperf-bench.XXXXXX)}
+if [ -z "${BENCH_DIR:-}" ]; then
+    BENCH_DIR=$(mktemp -d /var/tmp/bdevperf-bench.XXXXXX)
+    trap 'rm -rf "$BENCH_DIR"' EXIT
+fi
 mkdir -p "$BENCH_DIR"
 
 repo_root() { cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd; }

@@ -13,8 +13,8 @@ file=${BENCH_FILE:-$BENCH_DIR/uring.img}
 size=$((2 << 30))
 if [ ! -f "$file" ] || [ "$(stat -c %s "$file")" -lt "$size" ]; then
     echo "filling $file with 2 GiB of data..." >&2
-    fio --name=fill --filename="$file" --size=$size --rw=write --bs=1m --ioengine=libaio \
-        --iodepth=8 --direct=1 --output=/dev/null
+    fio --name=fill --filename="$file" --size=$size --rw=write --bs=1m --ioengine=psync \
+        --end_fsync=1 --output=/dev/null
 fi
 direct=1
 dd if="$file" of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null || direct=0
