@@ -270,7 +270,8 @@ fn thin_restore_images_open_in_pdata_and_take_changes() {
         let opts = CacheOpts {
             nr_cache_blocks: 64,
         };
-        let mut h = Harness::open(mem_factory(&io), pool.data_block_size, state, opts).unwrap();
+        let mut h =
+            Harness::open(mem_factory(&io), pool.data_block_size, state, None, opts).unwrap();
         h.verify_live(&mut rng)
             .unwrap_or_else(|e| panic!("seed {seed} round {round}: {e}"));
         nr_mappings += h.current.nr_mappings();

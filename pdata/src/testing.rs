@@ -775,11 +775,13 @@ impl Harness {
         })
     }
 
-    /// Opens existing metadata whose committed contents are `state`.
+    /// Opens existing metadata whose committed contents are `state` (and `held`, the state
+    /// of its held metadata snapshot, if one is held).
     pub fn open(
         mut factory: IoFactory,
         data_block_size: u32,
         state: ModelState,
+        held: Option<ModelState>,
         opts: CacheOpts,
     ) -> Result<Harness> {
         let meta = PoolMetadata::open(factory(), data_block_size, opts)?;
@@ -790,7 +792,7 @@ impl Harness {
             data_block_size,
             current: state.clone(),
             committed: state,
-            held: (None, None),
+            held: (held.clone(), held),
             allocated_in_txn: BTreeSet::new(),
             counts: BTreeMap::new(),
         })
