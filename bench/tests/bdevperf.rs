@@ -449,26 +449,22 @@ fn bad_command_lines_fail_with_one_line() {
 }
 
 #[test]
-fn size_not_a_block_multiple_fails() {
+fn geometry_errors_fail_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
         json!([{"method": "bdev_malloc_create",
-                "params": {"name": "Malloc4k", "num_blocks": 1024, "block_size": 4096}}]),
+                "params": {"name": "Malloc4k", "num_blocks": 64, "block_size": 4096}}]),
     );
+    let c = config.to_str().unwrap();
+    bdevperf(&["-q", "1", "-o", "512", "-w", "read", "-t", "1", "--json", c])
+        .assert_one_line_error("not a multiple of bdev Malloc4k's block size 4096");
+    bdevperf(&["-q", "1", "-o", "1M", "-w", "read", "-t", "1", "--json", c])
+        .assert_one_line_error("fewer than one 1048576-byte I/O");
     bdevperf(&[
-        "-q",
-        "1",
-        "-o",
-        "512",
-        "-w",
-        "read",
-        "-t",
-        "1",
-        "--json",
-        config.to_str().unwrap(),
+        "-q", "128", "-o", "4k", "-w", "verify", "-t", "1", "--json", c,
     ])
-    .assert_one_line_error("not a multiple of bdev Malloc4k's block size 4096");
+    .assert_one_line_error("verify needs at least -q 128 I/O units per job");
 }
 
 #[test]
