@@ -7,10 +7,13 @@
 //! function of the seed. The seed is printed at creation (`REACTOR_SIM_SEED=<seed>` reruns
 //! a failure; [`Sim::from_env`] reads it).
 //!
-//! Time moves only when the test says so ([`Sim::advance`], [`Sim::run_for`]); a tick never
-//! sleeps. Ring ops use a synchronous backend: file ops (read/write/readv/writev/fsync/
-//! fallocate/close/nop) run at submit time with plain syscalls and complete in the reactor's
-//! next tick; socket ops and registered files complete with `-EOPNOTSUPP`.
+//! Time moves only when the test says so ([`Sim::advance`], [`Sim::run_for`],
+//! [`Sim::run_until`]); a tick never sleeps. Ring ops use a synchronous backend: file ops
+//! (read/write/readv/writev/fsync/fallocate/close/nop, raw and fixed variants) run at submit
+//! time with plain syscalls; their completions are delivered from the reactor's later ticks
+//! in a seeded random order, a random number per tick (so completion reordering is tested
+//! too). Socket ops (recv/send/accept/connect/poll_add) and registered files complete with
+//! `-EOPNOTSUPP`.
 //! [`crate::request_stop`] only sets a flag ([`Sim::stop_requested`]).
 
 use std::cell::Cell;
@@ -151,6 +154,7 @@ impl Sim {
         let batch = 1 + self.rng.below(MAX_MSG_BATCH as u64) as usize;
         let core = self.cores[id.index()].clone();
         core.msg_batch.set(batch);
+        core.ring.sim_perturb(&mut self.rng);
         let busy = {
             let _guard = reactor::enter(&core);
             core.tick()
@@ -221,6 +225,31 @@ impl Sim {
         }
         self.clock.set(end);
         self.run_until_idle();
+    }
+
+    /// Steps until `done()` holds, jumping the virtual clock to the next deadline whenever
+    /// everything is idle. Returns false if everything is idle with no deadline left and
+    /// `done()` still false. Panics (naming the seed) after [`MAX_STEPS`] steps.
+    pub fn run_until(&mut self, mut done: impl FnMut() -> bool) -> bool {
+        self.last_busy.iter_mut().for_each(|b| *b = true);
+        let mut steps = 0;
+        while !done() {
+            assert!(
+                steps < MAX_STEPS,
+                "sim (seed {}) condition not reached after {MAX_STEPS} steps",
+                self.seed
+            );
+            if self.is_idle() {
+                match self.next_deadline() {
+                    Some(deadline) => self.clock.set(deadline.max(self.now())),
+                    None => return false,
+                }
+                self.last_busy.iter_mut().for_each(|b| *b = true);
+            }
+            self.step();
+            steps += 1;
+        }
+        true
     }
 
     /// True once a reactor called [`crate::request_stop`].

@@ -15,8 +15,8 @@
 //!
 //! Under [`crate::sim`] the ring runs a synchronous backend: file ops (read, write, readv,
 //! writev, fsync, fallocate, close, nop) are executed with plain syscalls at submit time and
-//! their completions delivered in the next `poll`, in submission order, so simulations stay
-//! deterministic. Socket ops (recv, send, accept, connect, poll_add) and registered files
+//! their completions delivered from later ticks, in an order and over a number of ticks drawn
+//! from the simulation's seed (never inside submit), so simulations stay deterministic. Socket ops (recv, send, accept, connect, poll_add) and registered files
 //! complete with `-EOPNOTSUPP` there. Raw-region reads/writes run like read/write.
 
 use std::cell::{Cell, RefCell};
@@ -93,6 +93,8 @@ enum Backend {
     },
     Sync {
         done: VecDeque<(u64, i32)>,
+        /// Completions the next reap may deliver (the simulator lowers it).
+        reap_limit: usize,
     },
 }
 
@@ -260,6 +262,7 @@ impl Ring {
         Ring::with_backend(
             Backend::Sync {
                 done: VecDeque::new(),
+                reap_limit: usize::MAX,
             },
             max_in_flight,
             None,
@@ -322,7 +325,7 @@ impl Ring {
                 entry.state = push_sqe(ring, backlog, sqe, &inner.nr_enters);
                 inner.sq_dirty.set(true);
             }
-            Backend::Sync { done } => {
+            Backend::Sync { done, .. } => {
                 let result = execute_sync(&mut entry.op);
                 entry.state = OpState::Waiting;
                 done.push_back((user_data, result));
@@ -512,6 +515,25 @@ impl Ring {
         self.submit(op, unit_callback(done))
     }
 
+    /// Simulator: shuffles the pending completions and limits how many the next tick
+    /// delivers, both from the seeded PRNG, so completion order and timing vary by seed.
+    pub(crate) fn sim_perturb(&self, rng: &mut crate::sim::SimRng) {
+        let mut backend = self.inner.backend.borrow_mut();
+        let Backend::Sync { done, reap_limit } = &mut *backend else {
+            return;
+        };
+        let n = done.len();
+        for i in (1..n).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            done.swap(i, j);
+        }
+        *reap_limit = if n == 0 {
+            usize::MAX
+        } else {
+            1 + rng.below(n as u64) as usize
+        };
+    }
+
     /// Enters the kernel for queued SQEs (once) and runs up to [`REAP_BATCH`] completion
     /// callbacks. Called by the reactor loop every tick. Returns true if anything completed.
     #[inline]
@@ -606,11 +628,12 @@ impl Ring {
                             n += 1;
                         }
                     }
-                    Backend::Sync { done } => {
-                        while n < CHUNK {
+                    Backend::Sync { done, reap_limit } => {
+                        while n < CHUNK && *reap_limit > 0 {
                             let Some(item) = done.pop_front() else { break };
                             batch[n] = item;
                             n += 1;
+                            *reap_limit -= 1;
                         }
                     }
                 }
@@ -693,7 +716,7 @@ impl Ring {
         let inner = &*self.inner;
         let backlog_empty = match &*inner.backend.borrow() {
             Backend::Uring { backlog, .. } => backlog.is_empty(),
-            Backend::Sync { done } => done.is_empty(),
+            Backend::Sync { done, .. } => done.is_empty(),
         };
         inner.ops.borrow().is_empty()
             && inner.nr_cancels.get() == 0
@@ -707,6 +730,9 @@ impl Ring {
     pub(crate) fn drain(&self) {
         let inner = &*self.inner;
         inner.closing.set(true);
+        if let Backend::Sync { reap_limit, .. } = &mut *inner.backend.borrow_mut() {
+            *reap_limit = usize::MAX;
+        }
         let live: Vec<OpId> = inner
             .ops
             .borrow()
