@@ -418,52 +418,57 @@ impl State {
         let (phase, unit, seed) = (slot.phase, slot.unit, slot.seed);
         if !done.status.is_success() {
             self.stats.record_failed();
-            self.release_unit(unit);
-            let what = done.io_type.name();
-            let at = done.offset_blocks;
-            self.fail(format!(
-                "{what} at LBA {at} failed: errno {}",
-                done.status.errno()
-            ));
-            if let Some(slot) = self.slots.get_mut(tag as usize) {
-                slot.phase = Phase::Idle;
+            let (what, at) = (done.io_type.name(), done.offset_blocks);
+            let errno = done.status.errno();
+            self.stop_slot(
+                tag,
+                unit,
+                format!("{what} at LBA {at} failed: errno {errno}"),
+            );
+        } else {
+            match phase {
+                Phase::Io => {
+                    self.record_ok(latency);
+                    self.start_next(tag, now);
+                }
+                Phase::VerifyWrite => self.after_verify_write(tag, now),
+                Phase::VerifyCorrupt => {
+                    self.set_phase_and_submit(tag, Phase::VerifyRead, now, Op::Read)
+                }
+                Phase::VerifyRead => self.after_verify_read(tag, unit, seed, latency, now),
+                Phase::Idle => {}
             }
-            self.maybe_finish();
-            return;
         }
-        match phase {
-            Phase::Io => {
+        self.maybe_finish();
+    }
+
+    /// Ends the slot's work with an error that stops the job.
+    fn stop_slot(&mut self, tag: u32, unit: u64, error: String) {
+        self.release_unit(unit);
+        if let Some(slot) = self.slots.get_mut(tag as usize) {
+            slot.phase = Phase::Idle;
+        }
+        self.fail(error);
+    }
+
+    fn after_verify_read(&mut self, tag: u32, unit: u64, seed: u64, latency: u64, now: u64) {
+        self.release_unit(unit);
+        let first = self.unit_first_block(unit);
+        let bs = self.spec.block_size as usize;
+        let checked = match (self.spec.verify_data, self.slots.get(tag as usize)) {
+            (true, Some(Slot { buf: Some(buf), .. })) => verify::check(buf, bs, first, seed),
+            _ => Ok(()),
+        };
+        match checked {
+            Ok(()) => {
                 self.record_ok(latency);
                 self.start_next(tag, now);
             }
-            Phase::VerifyWrite => self.after_verify_write(tag, now),
-            Phase::VerifyCorrupt => {
-                self.set_phase_and_submit(tag, Phase::VerifyRead, now, Op::Read)
+            Err(m) => {
+                self.stats.record_failed();
+                self.stop_slot(tag, unit, format!("verify failed: {m}"));
             }
-            Phase::VerifyRead => {
-                self.release_unit(unit);
-                let first = self.unit_first_block(unit);
-                let bs = self.spec.block_size as usize;
-                let checked = match (self.spec.verify_data, self.slots.get(tag as usize)) {
-                    (true, Some(Slot { buf: Some(buf), .. })) => {
-                        verify::check(buf, bs, first, seed)
-                    }
-                    _ => Ok(()),
-                };
-                match checked {
-                    Ok(()) => {
-                        self.record_ok(latency);
-                        self.start_next(tag, now);
-                    }
-                    Err(m) => {
-                        self.stats.record_failed();
-                        self.fail(format!("verify failed: {m}"));
-                    }
-                }
-            }
-            Phase::Idle => {}
         }
-        self.maybe_finish();
     }
 
     #[inline]

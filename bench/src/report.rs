@@ -68,47 +68,7 @@ pub fn format_table(jobs: &[JobReport], total: &Summary) -> String {
         "max"
     );
     for job in jobs {
-        let _ = write!(
-            out,
-            " Job: {} (Core Mask 0x{}, workload: {}",
-            job.name, job.core_mask, job.workload
-        );
-        if let Some(p) = job.rw_read_percent.filter(|_| job.workload.is_mixed()) {
-            let _ = write!(out, ", percentage: {p}");
-        }
-        let _ = writeln!(
-            out,
-            ", depth: {}, IO size: {})",
-            job.queue_depth, job.io_size_bytes
-        );
-        if let Some(error) = &job.error {
-            let _ = writeln!(
-                out,
-                " Job: {} ended in about {:.2} seconds with error",
-                job.name, job.summary.runtime_secs
-            );
-            let _ = writeln!(out, "\t {error}");
-        }
-        if let Some((start, len)) = job.verify_range {
-            let _ = writeln!(
-                out,
-                "\t Verification LBA range: start {start:#x} length {len:#x}"
-            );
-        }
-        let s = &job.summary;
-        let _ = writeln!(
-            out,
-            "\t {:<20}: {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>8.2} {:>10.2} {:>10.2} {:>10.2}",
-            job.name,
-            s.runtime_secs,
-            s.iops,
-            s.mibps,
-            s.fail_per_sec,
-            s.timeout_per_sec,
-            s.latency_avg_us,
-            s.latency_min_us,
-            s.latency_max_us
-        );
+        format_job(&mut out, job);
     }
     let _ = writeln!(out, " {RULE}");
     let _ = writeln!(
@@ -125,6 +85,51 @@ pub fn format_table(jobs: &[JobReport], total: &Summary) -> String {
         total.latency_max_us
     );
     out
+}
+
+/// One job's block of the table: the Job line, any error, the verify range, the numbers.
+fn format_job(out: &mut String, job: &JobReport) {
+    let _ = write!(
+        out,
+        " Job: {} (Core Mask 0x{}, workload: {}",
+        job.name, job.core_mask, job.workload
+    );
+    if let Some(p) = job.rw_read_percent.filter(|_| job.workload.is_mixed()) {
+        let _ = write!(out, ", percentage: {p}");
+    }
+    let _ = writeln!(
+        out,
+        ", depth: {}, IO size: {})",
+        job.queue_depth, job.io_size_bytes
+    );
+    if let Some(error) = &job.error {
+        let _ = writeln!(
+            out,
+            " Job: {} ended in about {:.2} seconds with error",
+            job.name, job.summary.runtime_secs
+        );
+        let _ = writeln!(out, "\t {error}");
+    }
+    if let Some((start, len)) = job.verify_range {
+        let _ = writeln!(
+            out,
+            "\t Verification LBA range: start {start:#x} length {len:#x}"
+        );
+    }
+    let s = &job.summary;
+    let _ = writeln!(
+        out,
+        "\t {:<20}: {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>8.2} {:>10.2} {:>10.2} {:>10.2}",
+        job.name,
+        s.runtime_secs,
+        s.iops,
+        s.mibps,
+        s.fail_per_sec,
+        s.timeout_per_sec,
+        s.latency_avg_us,
+        s.latency_min_us,
+        s.latency_max_us
+    );
 }
 
 /// The latency percentile table (microseconds, from the HDR histograms).

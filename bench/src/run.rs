@@ -161,25 +161,7 @@ fn plan_jobs(
                 .into_iter()
                 .collect()
         };
-        let block_size = u64::from(bdev.block_size());
-        let io_size_blocks = opts.io_size_bytes / block_size;
-        let total_units = bdev.num_blocks() / io_size_blocks;
-        let units_per_job = total_units / placed.len() as u64;
-        if units_per_job == 0 {
-            return Err(format!(
-                "bdev {}: {} blocks hold fewer than one {}-byte I/O per job",
-                bdev.name(),
-                bdev.num_blocks(),
-                opts.io_size_bytes
-            ));
-        }
-        if opts.workload == Workload::Verify && units_per_job < u64::from(opts.queue_depth) {
-            return Err(format!(
-                "bdev {}: verify needs at least -q {} I/O units per job, the range has {units_per_job}",
-                bdev.name(),
-                opts.queue_depth
-            ));
-        }
+        let units_per_job = units_per_job(opts, bdev.as_ref(), placed.len() as u64)?;
         let verify_data = opts.workload != Workload::Verify || stores_data(bdev.as_ref());
         if !verify_data {
             eprintln!(
@@ -189,33 +171,59 @@ fn plan_jobs(
                 bdev.core().module_name()
             );
         }
+        let block_size = u64::from(bdev.block_size());
+        let io_size_blocks = opts.io_size_bytes / block_size;
+        let range_blocks = units_per_job * io_size_blocks;
         for (k, &reactor) in placed.iter().enumerate() {
-            let first_block = k as u64 * units_per_job * io_size_blocks;
+            let first_block = k as u64 * range_blocks;
             let seed = opts.seed.unwrap_or_else(time_seed)
                 ^ ((bdev_index as u64) << 48)
                 ^ ((k as u64) << 40);
+            let in_range = |lba: &u64| (first_block..first_block + range_blocks).contains(lba);
+            let spec = JobSpec {
+                name: bdev.name().to_owned(),
+                workload: opts.workload,
+                read_percent: opts.rw_read_percent.unwrap_or(100),
+                queue_depth: opts.queue_depth,
+                io_size_blocks,
+                block_size,
+                first_block,
+                nr_units: units_per_job,
+                seed,
+                verify_data,
+                inject_corruption_lba: opts.inject_corruption_lba.filter(in_range),
+            };
+            let core = handle.core_of(reactor);
             plan.push(PlannedJob {
-                spec: JobSpec {
-                    name: bdev.name().to_owned(),
-                    workload: opts.workload,
-                    read_percent: opts.rw_read_percent.unwrap_or(100),
-                    queue_depth: opts.queue_depth,
-                    io_size_blocks,
-                    block_size,
-                    first_block,
-                    nr_units: units_per_job,
-                    seed,
-                    verify_data,
-                    inject_corruption_lba: opts.inject_corruption_lba.filter(|lba| {
-                        (first_block..first_block + units_per_job * io_size_blocks).contains(lba)
-                    }),
-                },
+                spec,
                 reactor,
-                core: handle.core_of(reactor),
+                core,
             });
         }
     }
     Ok(plan)
+}
+
+/// I/O units in each of `nr_jobs` equal ranges of `bdev`; errors if a job would get too few.
+fn units_per_job(opts: &Options, bdev: &dyn Bdev, nr_jobs: u64) -> Result<u64, String> {
+    let io_size_blocks = opts.io_size_bytes / u64::from(bdev.block_size());
+    let units = bdev.num_blocks() / io_size_blocks / nr_jobs.max(1);
+    if units == 0 {
+        return Err(format!(
+            "bdev {}: {} blocks hold fewer than one {}-byte I/O per job",
+            bdev.name(),
+            bdev.num_blocks(),
+            opts.io_size_bytes
+        ));
+    }
+    if opts.workload == Workload::Verify && units < u64::from(opts.queue_depth) {
+        return Err(format!(
+            "bdev {}: verify needs at least -q {} I/O units per job, the range has {units}",
+            bdev.name(),
+            opts.queue_depth
+        ));
+    }
+    Ok(units)
 }
 
 fn check_bdev(opts: &Options, bdev: &dyn Bdev) -> Result<(), String> {
@@ -308,19 +316,11 @@ fn collect(
     progress: &[Arc<Progress>],
     nr_jobs: usize,
 ) -> Result<Vec<Option<JobOutcome>>, String> {
-    let interval = match opts.progress_interval_secs {
-        Some(0) => None,
-        Some(n) => Some(Duration::from_secs(n)),
-        None if opts.time_secs >= AUTO_PROGRESS_MIN_SECS => Some(Duration::from_secs(1)),
-        None => None,
-    };
     // A job that does not finish long after its time limit means a lost completion.
     let deadline = Instant::now() + Duration::from_secs_f64(opts.time_secs + 30.0);
-    let start = Instant::now();
+    let mut printer = ProgressPrinter::new(opts, progress);
     let mut outcomes: Vec<Option<JobOutcome>> = (0..nr_jobs).map(|_| None).collect();
     let mut nr_done = 0;
-    let mut last = (start, 0u64);
-    let mut next_tick = interval.map(|i| start + i);
     let mut stop_sent = false;
     while nr_done < nr_jobs {
         let now = Instant::now();
@@ -328,20 +328,21 @@ fn collect(
             stop_sent = true;
             println!(
                 "Received shutdown signal, test time was about {:.6} seconds",
-                (now - start).as_secs_f64()
+                (now - printer.start).as_secs_f64()
             );
             for p in progress {
                 p.stop.store(true, Ordering::Relaxed);
             }
         }
         if now >= deadline {
+            let nr_left = nr_jobs - nr_done;
             return Err(format!(
-                "{} job(s) did not finish within 30 s of the time limit",
-                nr_jobs - nr_done
+                "{nr_left} job(s) did not finish within 30 s of the time limit"
             ));
         }
         // Wake at least every 100 ms to notice a signal.
-        let wake = next_tick
+        let wake = printer
+            .next
             .unwrap_or(deadline)
             .min(deadline)
             .min(now + SIGNAL_POLL);
@@ -356,24 +357,62 @@ fn collect(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        if let (Some(tick), Some(i)) = (next_tick, interval) {
-            let now = Instant::now();
-            if now >= tick {
-                let total: u64 = progress
-                    .iter()
-                    .map(|p| p.nr_completed.load(Ordering::Relaxed))
-                    .sum();
-                let rate = (total - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-9);
-                println!(
-                    "{}",
-                    report::format_progress((now - start).as_secs_f64(), rate, opts.io_size_bytes)
-                );
-                last = (now, total);
-                next_tick = Some(tick + i);
-            }
-        }
+        printer.print_if_due(Instant::now());
     }
     Ok(outcomes)
+}
+
+/// Prints the progress line: the rate since the previous line, summed over all jobs.
+struct ProgressPrinter<'a> {
+    progress: &'a [Arc<Progress>],
+    io_size_bytes: u64,
+    interval: Option<Duration>,
+    start: Instant,
+    next: Option<Instant>,
+    last: (Instant, u64),
+}
+
+impl<'a> ProgressPrinter<'a> {
+    fn new(opts: &Options, progress: &'a [Arc<Progress>]) -> Self {
+        let interval = match opts.progress_interval_secs {
+            Some(0) => None,
+            Some(n) => Some(Duration::from_secs(n)),
+            None if opts.time_secs >= AUTO_PROGRESS_MIN_SECS => Some(Duration::from_secs(1)),
+            None => None,
+        };
+        let start = Instant::now();
+        ProgressPrinter {
+            progress,
+            io_size_bytes: opts.io_size_bytes,
+            interval,
+            start,
+            next: interval.map(|i| start + i),
+            last: (start, 0),
+        }
+    }
+
+    fn print_if_due(&mut self, now: Instant) {
+        let (Some(due), Some(interval)) = (self.next, self.interval) else {
+            return;
+        };
+        if now < due {
+            return;
+        }
+        let total: u64 = self
+            .progress
+            .iter()
+            .map(|p| p.nr_completed.load(Ordering::Relaxed))
+            .sum();
+        let secs = (now - self.last.0).as_secs_f64().max(1e-9);
+        let rate = total.saturating_sub(self.last.1) as f64 / secs;
+        let elapsed = (now - self.start).as_secs_f64();
+        println!(
+            "{}",
+            report::format_progress(elapsed, rate, self.io_size_bytes)
+        );
+        self.last = (now, total);
+        self.next = Some(due + interval);
+    }
 }
 
 fn build_report(
@@ -384,9 +423,7 @@ fn build_report(
 ) -> RunOutput {
     let mut reports = Vec::with_capacity(plan.len());
     let mut merged = JobStats::new();
-    let (mut sum_iops, mut sum_mibps, mut sum_fail, mut sum_to, mut max_runtime) =
-        (0.0, 0.0, 0.0, 0.0, 0.0f64);
-    let mut failed = false;
+    let mut max_runtime = 0.0f64;
     for (job, outcome) in plan.iter().zip(outcomes) {
         let outcome = outcome.unwrap_or_else(|| JobOutcome {
             stats: JobStats::new(),
@@ -394,14 +431,8 @@ fn build_report(
             error: Some("job never reported".into()),
         });
         let runtime = clock.to_us(outcome.runtime_ticks) / 1e6;
-        let summary = outcome.stats.summarize(clock, runtime, opts.io_size_bytes);
         merged.merge(&outcome.stats);
-        sum_iops += summary.iops;
-        sum_mibps += summary.mibps;
-        sum_fail += summary.fail_per_sec;
-        sum_to += summary.timeout_per_sec;
         max_runtime = max_runtime.max(runtime);
-        failed |= outcome.error.is_some() || outcome.stats.nr_failed > 0;
         let spec = &job.spec;
         reports.push(JobReport {
             name: spec.name.clone(),
@@ -412,47 +443,67 @@ fn build_report(
             io_size_bytes: opts.io_size_bytes,
             verify_range: (opts.workload == Workload::Verify)
                 .then_some((spec.first_block, spec.nr_units * spec.io_size_blocks)),
-            summary,
+            summary: outcome.stats.summarize(clock, runtime, opts.io_size_bytes),
             error: outcome.error,
             terminated: signal::received(),
         });
     }
+    // As SPDK: rates add up over jobs; latencies come from all I/Os together.
     let total = Summary {
-        iops: sum_iops,
-        mibps: sum_mibps,
-        fail_per_sec: sum_fail,
-        timeout_per_sec: sum_to,
+        iops: reports.iter().map(|r| r.summary.iops).sum(),
+        mibps: reports.iter().map(|r| r.summary.mibps).sum(),
+        fail_per_sec: reports.iter().map(|r| r.summary.fail_per_sec).sum(),
+        timeout_per_sec: reports.iter().map(|r| r.summary.timeout_per_sec).sum(),
         ..merged.summarize(clock, max_runtime, opts.io_size_bytes)
     };
-    let mut text = report::format_table(&reports, &total);
-    text.push_str(&report::format_percentiles(&reports, &total));
-    for r in &reports {
-        text.push_str(&report::json_value(r).to_string());
-        text.push('\n');
-    }
     let cores: Vec<usize> = plan.iter().map(|j| j.core).collect();
     let total_report = JobReport {
         name: "Total".into(),
         core_mask: format_core_mask(&cores),
+        verify_range: None,
+        summary: total,
+        error: reports.iter().find_map(|r| r.error.clone()),
+        ..reports
+            .first()
+            .cloned()
+            .unwrap_or_else(|| empty_report(opts))
+    };
+    RunOutput {
+        text: render(&reports, &total_report),
+        failed: reports
+            .iter()
+            .any(|r| r.error.is_some() || r.summary.nr_failed > 0),
+        errors: reports.iter().filter_map(|r| r.error.clone()).collect(),
+        interrupted: signal::received(),
+    }
+}
+
+/// A report with the run's common fields and nothing measured.
+fn empty_report(opts: &Options) -> JobReport {
+    JobReport {
+        name: String::new(),
+        core_mask: String::new(),
         workload: opts.workload,
         rw_read_percent: opts.rw_read_percent,
         queue_depth: opts.queue_depth,
         io_size_bytes: opts.io_size_bytes,
         verify_range: None,
-        summary: total,
-        error: reports.iter().find_map(|r| r.error.clone()),
+        summary: Summary::default(),
+        error: None,
         terminated: signal::received(),
-    };
-    let total_json: Value = report::json_value(&total_report);
-    text.push_str(&total_json.to_string());
-    text.push('\n');
-    let errors = reports.iter().filter_map(|r| r.error.clone()).collect();
-    RunOutput {
-        text,
-        failed,
-        errors,
-        interrupted: signal::received(),
     }
+}
+
+/// The printed report: table, percentiles, a JSON line per job, the total's JSON line.
+fn render(reports: &[JobReport], total: &JobReport) -> String {
+    let mut text = report::format_table(reports, &total.summary);
+    text.push_str(&report::format_percentiles(reports, &total.summary));
+    for r in reports.iter().chain(std::iter::once(total)) {
+        let line: Value = report::json_value(r);
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    text
 }
 
 /// SIGINT/SIGTERM: recorded in an atomic by an async-signal-safe handler; the main thread
