@@ -292,8 +292,8 @@ impl Checker<'_> {
             ));
         }
         let n = node.nr_entries();
-        let keys = match (node.key(0), node.key(n.wrapping_sub(1))) {
-            (Ok(first), Ok(last)) => Some((first, last)),
+        let keys = match n.checked_sub(1).map(|last| (node.key(0), node.key(last))) {
+            Some((Ok(first), Ok(last))) => Some((first, last)),
             _ => None,
         };
         if h.is_leaf() {
