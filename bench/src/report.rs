@@ -161,43 +161,59 @@ fn r2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// The JSON object of one job (or the total when `job.name == "Total"`).
-pub fn json_value(job: &JobReport) -> Value {
+/// The JSON fields of one job (or the total when `job.name == "Total"`), in SPDK's order:
+/// identity, `percentage` for mixed workloads, status, `verify_range`, then the numbers.
+pub fn json_fields(job: &JobReport) -> Vec<(&'static str, Value)> {
     let s = &job.summary;
-    let mut v = json!({
-        "job": job.name,
-        "core_mask": format!("0x{}", job.core_mask),
-        "workload": job.workload.name(),
-        "status": job.status(),
-        "queue_depth": job.queue_depth,
-        "io_size": job.io_size_bytes,
-        "runtime": r2(s.runtime_secs),
-        "iops": r2(s.iops),
-        "mibps": r2(s.mibps),
-        "io_failed": s.nr_failed,
-        "io_timeout": s.nr_timeout,
-        "avg_latency_us": r2(s.latency_avg_us),
-        "min_latency_us": r2(s.latency_min_us),
-        "max_latency_us": r2(s.latency_max_us),
-        "p50_us": r2(s.latency_p50_us),
-        "p99_us": r2(s.latency_p99_us),
-        "p999_us": r2(s.latency_p999_us),
-    });
-    if let (Some(p), Some(obj)) = (job.rw_read_percent, v.as_object_mut()) {
-        if job.workload.is_mixed() {
-            obj.insert("percentage".into(), json!(p));
-        }
+    let mut fields = vec![
+        ("job", json!(job.name)),
+        ("core_mask", json!(format!("0x{}", job.core_mask))),
+        ("workload", json!(job.workload.name())),
+    ];
+    if let Some(p) = job.rw_read_percent.filter(|_| job.workload.is_mixed()) {
+        fields.push(("percentage", json!(p)));
     }
-    if let (Some((start, length)), Some(obj)) = (job.verify_range, v.as_object_mut()) {
-        obj.insert(
-            "verify_range".into(),
-            json!({"start": start, "length": length}),
-        );
+    fields.push(("status", json!(job.status())));
+    if let Some((start, length)) = job.verify_range {
+        fields.push(("verify_range", json!({"start": start, "length": length})));
     }
-    if let (Some(e), Some(obj)) = (&job.error, v.as_object_mut()) {
-        obj.insert("error".into(), json!(e));
+    fields.extend([
+        ("queue_depth", json!(job.queue_depth)),
+        ("io_size", json!(job.io_size_bytes)),
+        ("runtime", json!(r2(s.runtime_secs))),
+        ("iops", json!(r2(s.iops))),
+        ("mibps", json!(r2(s.mibps))),
+        ("io_failed", json!(s.nr_failed)),
+        ("io_timeout", json!(s.nr_timeout)),
+        ("avg_latency_us", json!(r2(s.latency_avg_us))),
+        ("min_latency_us", json!(r2(s.latency_min_us))),
+        ("max_latency_us", json!(r2(s.latency_max_us))),
+        ("p50_us", json!(r2(s.latency_p50_us))),
+        ("p99_us", json!(r2(s.latency_p99_us))),
+        ("p999_us", json!(r2(s.latency_p999_us))),
+    ]);
+    if let Some(e) = &job.error {
+        fields.push(("error", json!(e)));
     }
-    v
+    fields
+}
+
+/// The JSON object of one job, as a `Value` (keys unordered).
+pub fn json_value(job: &JobReport) -> Value {
+    let map = json_fields(job)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    Value::Object(map)
+}
+
+/// The JSON line of one job, keys in [`json_fields`] order, no trailing newline.
+pub fn json_line(job: &JobReport) -> String {
+    let fields: Vec<String> = json_fields(job)
+        .into_iter()
+        .map(|(k, v)| format!("{}:{v}", Value::from(k)))
+        .collect();
+    format!("{{{}}}", fields.join(","))
 }
 
 /// One progress line: elapsed time and the rate since the previous line.
@@ -299,7 +315,10 @@ mod tests {
         assert_eq!(v["iops"], 1234567.89);
         assert_eq!(v["verify_range"]["length"], 256);
         assert!(v.get("percentage").is_none());
-        let line = v.to_string();
+        let line = json_line(&j);
         assert!(!line.contains('\n'));
+        assert!(line.starts_with("{\"job\":\"Malloc0\",\"core_mask\":\"0x1\",\"workload\""));
+        let reparsed: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(reparsed, v);
     }
 }

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use bdev::{Bdev, BdevDesc, IoType};
 use reactor::{CoreMask, PollStatus, ReactorId, Runtime, RuntimeHandle, RuntimeOptions};
-use serde_json::Value;
 
 use crate::cli::{format_core_mask, Options, AUTO_PROGRESS_MIN_SECS};
 use crate::clock::Clock;
@@ -499,8 +498,7 @@ fn render(reports: &[JobReport], total: &JobReport) -> String {
     let mut text = report::format_table(reports, &total.summary);
     text.push_str(&report::format_percentiles(reports, &total.summary));
     for r in reports.iter().chain(std::iter::once(total)) {
-        let line: Value = report::json_value(r);
-        text.push_str(&line.to_string());
+        text.push_str(&report::json_line(r));
         text.push('\n');
     }
     text
