@@ -19,6 +19,12 @@ fn main() -> ExitCode {
         Ok(Command::Run(opts)) => opts,
         Err(e) => return fail(&e.to_string()),
     };
+    if opts.rw_read_percent.is_some() && !opts.workload.is_mixed() {
+        eprintln!(
+            "bdevperf: note: -M applies to rw and randrw only; ignored for -w {}",
+            opts.workload
+        );
+    }
     match bench::run::run(&opts) {
         Ok(output) => {
             let mut stdout = std::io::stdout().lock();
