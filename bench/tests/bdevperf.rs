@@ -571,9 +571,11 @@ fn help_exits_zero() {
 
 #[test]
 fn sigint_ends_the_run_early_with_a_report() {
+    use std::io::{BufRead, BufReader, Read};
+
     let dir = tempfile::tempdir().unwrap();
     let config = malloc_config(dir.path());
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args([
             "-q", "4", "-o", "4k", "-w", "randread", "-t", "60", "-S", "0", "--json",
         ])
@@ -582,16 +584,23 @@ fn sigint_ends_the_run_early_with_a_report() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn bdevperf");
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Signal only once the jobs run (the handler is installed before they start).
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.starts_with("Running I/O for 60 seconds"), "{first}");
+    std::thread::sleep(std::time::Duration::from_millis(700));
     let pid = libc::pid_t::try_from(child.id()).unwrap();
     // SAFETY: kill(2) on the pid of a child this test spawned and has not yet reaped.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
     let started = std::time::Instant::now();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(started.elapsed().as_secs() < 10, "bdevperf ignored SIGINT");
     let run = Run {
         status: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stdout: first + &rest,
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     };
     assert_eq!(run.status, 0, "{}\n{}", run.stdout, run.stderr);
