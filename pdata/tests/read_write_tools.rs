@@ -353,7 +353,7 @@ fn garbage_image(n: usize, rng: &mut Rng) -> Vec<u8> {
         }
     }
     // Roots mostly point at nodes of the right value size, to get past the first level.
-    let mut root_with = |vs: u32, rng: &mut Rng| {
+    let root_with = |vs: u32, rng: &mut Rng| {
         let cands: Vec<usize> = (1..n).filter(|&b| value_sizes[b] == vs).collect();
         if cands.is_empty() || rng.chance(1, 4) {
             rng.below(n as u64)
