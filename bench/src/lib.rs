@@ -34,7 +34,7 @@
 //!
 //! `cli` parses SPDK's flags, `config` the `--json` bdev config, `workload` draws offsets and
 //! operations, `verify` stamps and checks data patterns, `stats` and `report` measure and print,
-//! `clock` is the cheap latency clock (TSC, read once per completion batch). `job` runs one
+//! `clock` is the cheap latency clock (TSC, read once per I/O). `job` runs one
 //! (bdev, core) job on a reactor; `run` wires config, bdevs, jobs and reactors together.
 
 pub mod cli;

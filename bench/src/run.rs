@@ -6,6 +6,8 @@
 //! reactor with a message, then waits for the jobs' outcomes on a channel while printing
 //! progress from their counters. Everything after the config is read-only on the main thread.
 
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -270,6 +272,8 @@ fn time_seed() -> u64 {
 }
 
 /// On the job's reactor: opens the bdev, gets its channel, starts the job and polls it.
+/// The job's poller is registered before the channel (whose own poller the bdev layer adds),
+/// so each tick the job reaps its completions first and resubmits in the same tick.
 fn start_job(
     spec: JobSpec,
     write: bool,
@@ -288,25 +292,33 @@ fn start_job(
         Ok(d) => d,
         Err(e) => return report(fail(format!("bdev {name}: cannot open: {e}"))),
     };
-    let ch = match desc.get_io_channel() {
-        Ok(c) => c,
-        Err(e) => return report(fail(format!("bdev {name}: cannot get an I/O channel: {e}"))),
-    };
-    let job = Job::start(spec, ch, clock, secs, progress, Box::new(report));
-    let poller: std::rc::Rc<std::cell::Cell<Option<reactor::PollerHandle>>> = Default::default();
-    let poller_in = poller.clone();
-    let mut desc = Some(desc);
-    let handle = reactor::register_poller("bdevperf_job", move || {
+    let slot: Rc<RefCell<Option<(Job, BdevDesc)>>> = Rc::default();
+    let handle: Rc<Cell<Option<reactor::PollerHandle>>> = Rc::default();
+    let (slot_in, handle_in) = (slot.clone(), handle.clone());
+    let poller = reactor::register_poller("bdevperf_job", move || {
+        let mut running = slot_in.borrow_mut();
+        let Some((job, _)) = running.as_ref() else {
+            return PollStatus::Idle;
+        };
         let work = job.poll();
         if job.is_done() {
-            if let Some(p) = poller_in.take() {
+            if let Some(p) = handle_in.take() {
                 p.unregister();
             }
-            desc.take();
+            running.take();
         }
         PollStatus::from_busy(work > 0)
     });
-    poller.set(Some(handle));
+    let ch = match desc.get_io_channel() {
+        Ok(c) => c,
+        Err(e) => {
+            poller.unregister();
+            return report(fail(format!("bdev {name}: cannot get an I/O channel: {e}")));
+        }
+    };
+    handle.set(Some(poller));
+    let job = Job::start(spec, ch, clock, secs, progress, Box::new(report));
+    *slot.borrow_mut() = Some((job, desc));
 }
 
 fn collect(
