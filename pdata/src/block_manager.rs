@@ -10,7 +10,8 @@
 //!   the superblock itself is only dirtied inside `commit` right before a flush).
 //! * [`BlockManager::try_read_lock`] never does I/O (`WouldBlock` on a miss).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -46,8 +47,29 @@ struct Entry {
     data: Arc<Block>,
     dirty: bool,
     validator: &'static dyn Validator,
-    tick: u64,
+    /// Clock bit: set on every access, cleared by the eviction hand.
+    referenced: bool,
 }
+
+/// Hasher for block numbers (multiplicative; block numbers are not adversarial).
+#[derive(Default)]
+struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type BlockMap<V> = HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
 
 /// Cache statistics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -63,9 +85,10 @@ pub struct CacheStats {
 /// The block manager.
 pub struct BlockManager {
     io: Box<dyn BlockIo>,
-    cache: HashMap<u64, Entry>,
-    lru: BTreeMap<u64, u64>,
-    tick: u64,
+    cache: BlockMap<Entry>,
+    /// Clock ring of cached locations (may hold stale locations of dropped blocks).
+    ring: Vec<u64>,
+    hand: usize,
     capacity: usize,
     stats: CacheStats,
 }
@@ -89,9 +112,9 @@ impl BlockManager {
     pub fn new(io: Box<dyn BlockIo>, capacity: usize) -> BlockManager {
         BlockManager {
             io,
-            cache: HashMap::new(),
-            lru: BTreeMap::new(),
-            tick: 0,
+            cache: BlockMap::default(),
+            ring: Vec::new(),
+            hand: 0,
             capacity: capacity.max(MIN_CACHE_BLOCKS),
             stats: CacheStats::default(),
         }
@@ -117,15 +140,6 @@ impl BlockManager {
         self.cache.contains_key(&loc)
     }
 
-    fn touch(&mut self, loc: u64) {
-        self.tick += 1;
-        let tick = self.tick;
-        if let Some(e) = self.cache.get_mut(&loc) {
-            self.lru.remove(&e.tick);
-            e.tick = tick;
-            self.lru.insert(tick, loc);
-        }
-    }
 
     fn check_type(e: &Entry, loc: u64, v: &'static dyn Validator) -> Result<()> {
         if e.validator.name() != v.name() {
@@ -153,15 +167,9 @@ impl BlockManager {
 
     /// Read-lock `loc`, reading and validating it on a miss.
     pub fn read_lock(&mut self, loc: u64, v: &'static dyn Validator) -> Result<ReadRef> {
-        if let Some(e) = self.cache.get(&loc) {
-            Self::check_type(e, loc, v)?;
-            let r = ReadRef {
-                data: e.data.clone(),
-                loc,
-            };
-            self.stats.nr_hits += 1;
-            self.touch(loc);
-            return Ok(r);
+        match self.try_read_lock(loc, v) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            r => return r,
         }
         let buf = self.read_raw(loc)?;
         v.check(&buf, loc)?;
@@ -172,22 +180,14 @@ impl BlockManager {
 
     /// Read-lock `loc` only if cached; `WouldBlock` otherwise. Never does I/O.
     pub fn try_read_lock(&mut self, loc: u64, v: &'static dyn Validator) -> Result<ReadRef> {
-        match self.cache.get(&loc) {
-            Some(e) => {
-                Self::check_type(e, loc, v)?;
-                let r = ReadRef {
-                    data: e.data.clone(),
-                    loc,
-                };
-                self.stats.nr_hits += 1;
-                self.touch(loc);
-                Ok(r)
-            }
-            None => err(
-                ErrorKind::WouldBlock,
-                format!("metadata block {loc} not cached"),
-            ),
-        }
+        let Some(e) = self.cache.get_mut(&loc) else {
+            return err(ErrorKind::WouldBlock, format!("metadata block {loc} not cached"));
+        };
+        Self::check_type(e, loc, v)?;
+        e.referenced = true;
+        let data = e.data.clone();
+        self.stats.nr_hits += 1;
+        Ok(ReadRef { data, loc })
     }
 
     fn insert(
@@ -198,50 +198,49 @@ impl BlockManager {
         v: &'static dyn Validator,
     ) -> Result<()> {
         assert!(!self.cache.contains_key(&loc), "block {loc} inserted twice");
-        self.tick += 1;
-        self.cache.insert(
-            loc,
-            Entry {
-                data,
-                dirty,
-                validator: v,
-                tick: self.tick,
-            },
-        );
-        self.lru.insert(self.tick, loc);
+        let e = Entry { data, dirty, validator: v, referenced: true };
+        self.cache.insert(loc, e);
+        self.ring.push(loc);
         self.evict()?;
-        debug_assert_eq!(self.lru.len(), self.cache.len());
+        debug_assert!(self.ring.len() >= self.cache.len());
         Ok(())
     }
 
-    /// Evict least-recently-used unlocked blocks while over capacity.
+    /// Evict unlocked, not recently referenced blocks (clock) while over capacity. Locked
+    /// blocks are skipped; after two full sweeps without a victim the cache stays over its
+    /// bound (only possible while more than `capacity` blocks are read-locked).
     fn evict(&mut self) -> Result<()> {
-        let mut skipped = Vec::new();
-        while self.cache.len() > self.capacity {
-            let Some((tick, loc)) = self.lru.pop_first() else {
-                break;
+        let mut budget = 2 * self.ring.len() + 2;
+        while self.cache.len() > self.capacity && budget > 0 && !self.ring.is_empty() {
+            budget -= 1;
+            if self.hand >= self.ring.len() {
+                self.hand = 0;
+            }
+            let loc = self.ring[self.hand];
+            let Some(e) = self.cache.get_mut(&loc) else {
+                self.ring.swap_remove(self.hand);
+                continue;
             };
-            let locked = self
-                .cache
-                .get(&loc)
-                .is_some_and(|e| Arc::strong_count(&e.data) > 1);
-            if locked {
-                skipped.push((tick, loc));
+            if e.referenced || Arc::strong_count(&e.data) > 1 {
+                e.referenced = false;
+                self.hand += 1;
                 continue;
             }
-            if let Some(mut e) = self.cache.remove(&loc) {
-                if e.dirty {
-                    let r = self.write_out(loc, &mut e);
-                    if let Err(x) = r {
-                        self.lru.insert(tick, loc);
-                        self.cache.insert(loc, e);
-                        self.lru.extend(skipped);
-                        return Err(x);
-                    }
-                }
+            if e.dirty {
+                let mut e = self.cache.remove(&loc).expect("entry just seen");
+                let r = self.write_out(loc, &mut e);
+                self.cache.insert(loc, e);
+                r?;
             }
+            self.cache.remove(&loc);
+            self.ring.swap_remove(self.hand);
         }
-        self.lru.extend(skipped);
+        // Keep stale ring slots bounded.
+        if self.ring.len() > 2 * self.cache.len() + 64 {
+            let cache = &self.cache;
+            self.ring.retain(|l| cache.contains_key(l));
+            self.hand = 0;
+        }
         Ok(())
     }
 
@@ -257,7 +256,6 @@ impl BlockManager {
     }
 
     fn lock_for_write(&mut self, loc: u64, v: &'static dyn Validator) -> Result<&mut Entry> {
-        self.touch(loc);
         match self.cache.get_mut(&loc) {
             Some(e) => {
                 Self::check_type(e, loc, v)?;
@@ -268,6 +266,7 @@ impl BlockManager {
                     );
                 }
                 e.dirty = true;
+                e.referenced = true;
                 Ok(e)
             }
             None => err(
@@ -331,7 +330,6 @@ impl BlockManager {
                     format!("block {loc} reused while read-locked"),
                 );
             }
-            self.lru.remove(&e.tick);
             self.cache.remove(&loc);
         }
         let r = match Arc::get_mut(&mut data) {
@@ -346,7 +344,6 @@ impl BlockManager {
     pub fn forget(&mut self, loc: u64) {
         if let Some(e) = self.cache.get(&loc) {
             if Arc::strong_count(&e.data) == 1 {
-                self.lru.remove(&e.tick);
                 self.cache.remove(&loc);
             }
         }
@@ -383,7 +380,8 @@ impl BlockManager {
     /// Discard the whole cache, including dirty blocks (abort).
     pub fn invalidate_all(&mut self) {
         self.cache.clear();
-        self.lru.clear();
+        self.ring.clear();
+        self.hand = 0;
     }
 
     /// Write `buf` straight to the device at `loc` after stamping it (superblock updates that

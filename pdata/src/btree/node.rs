@@ -141,7 +141,10 @@ impl NodeHeader {
 /// Borrowed, validated view of a node block: keys and values are read in place.
 #[derive(Debug, Clone, Copy)]
 pub struct NodeRef<'a> {
-    buf: &'a [u8; BLOCK_SIZE],
+    /// `8 * nr_entries` key bytes.
+    keys: &'a [u8],
+    /// `value_size * nr_entries` value bytes.
+    values: &'a [u8],
     /// The header.
     pub header: NodeHeader,
 }
@@ -149,10 +152,16 @@ pub struct NodeRef<'a> {
 impl<'a> NodeRef<'a> {
     /// View over `buf` (header validated; keys were validated by the block validator).
     pub fn new(buf: &'a [u8; BLOCK_SIZE]) -> Result<NodeRef<'a>> {
-        Ok(NodeRef {
-            buf,
-            header: NodeHeader::unpack(buf)?,
-        })
+        let header = NodeHeader::unpack(buf)?;
+        let (nr, max) = (header.nr_entries as usize, header.max_entries as usize);
+        let vs = header.value_size as usize;
+        let voff = NODE_HEADER_SIZE + 8 * max;
+        let keys = buf.get(NODE_HEADER_SIZE..NODE_HEADER_SIZE + 8 * nr);
+        let values = buf.get(voff..voff + vs * nr);
+        match (keys, values) {
+            (Some(keys), Some(values)) => Ok(NodeRef { keys, values, header }),
+            _ => err(ErrorKind::Corrupt, format!("node {}: entries beyond block", header.blocknr)),
+        }
     }
 
     /// Number of entries.
@@ -162,19 +171,18 @@ impl<'a> NodeRef<'a> {
 
     /// Key `i` (Err if out of range).
     pub fn key(&self, i: usize) -> Result<u64> {
-        if i >= self.nr_entries() {
-            return err(ErrorKind::Corrupt, format!("key index {i} out of range"));
+        match self.keys.get(8 * i..8 * i + 8).and_then(|k| <[u8; 8]>::try_from(k).ok()) {
+            Some(k) => Ok(u64::from_le_bytes(k)),
+            None => err(ErrorKind::Corrupt, format!("key index {i} out of range")),
         }
-        le64_at(self.buf, NODE_HEADER_SIZE + 8 * i)
     }
 
     /// Value bytes of entry `i`.
     pub fn value(&self, i: usize) -> Result<&'a [u8]> {
         let vs = self.header.value_size as usize;
-        let off = NODE_HEADER_SIZE + 8 * self.header.max_entries as usize + vs * i;
-        match self.buf.get(off..off + vs) {
-            Some(v) if i < self.nr_entries() => Ok(v),
-            _ => err(ErrorKind::Corrupt, format!("value index {i} out of range")),
+        match self.values.get(vs * i..vs * i + vs) {
+            Some(v) => Ok(v),
+            None => err(ErrorKind::Corrupt, format!("value index {i} out of range")),
         }
     }
 
@@ -200,23 +208,18 @@ impl<'a> NodeRef<'a> {
 
     /// Copy into an owned [`Node`].
     pub fn to_node(&self) -> Result<Node> {
-        let n = self.nr_entries();
-        let mut keys = Vec::with_capacity(n);
-        for i in 0..n {
-            keys.push(self.key(i)?);
-        }
+        let keys = self
+            .keys
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                u64::from_le_bytes(a)
+            })
+            .collect();
         let vs = self.header.value_size as usize;
-        let off = NODE_HEADER_SIZE + 8 * self.header.max_entries as usize;
-        let values = match self.buf.get(off..off + vs * n) {
-            Some(v) => v.to_vec(),
-            None => return err(ErrorKind::Corrupt, "values out of block"),
-        };
-        Ok(Node {
-            leaf: self.header.is_leaf(),
-            value_size: vs,
-            keys,
-            values,
-        })
+        let (leaf, values) = (self.header.is_leaf(), self.values.to_vec());
+        Ok(Node { leaf, value_size: vs, keys, values })
     }
 }
 
@@ -329,7 +332,6 @@ impl Node {
                 format!("node {loc}: cannot pack {} entries", self.keys.len()),
             );
         }
-        buf.fill(0);
         let h = NodeHeader {
             flags: if self.leaf { LEAF_NODE } else { INTERNAL_NODE },
             blocknr: loc,
@@ -338,13 +340,15 @@ impl Node {
             value_size: self.value_size as u32,
         };
         h.pack(buf)?;
-        let mut w = Writer::new(buf.get_mut(NODE_HEADER_SIZE..).unwrap_or(&mut []));
-        for k in &self.keys {
-            w.u64(*k)?;
+        let (nr, vs) = (self.keys.len(), self.value_size);
+        let (keys, rest) = buf[NODE_HEADER_SIZE..].split_at_mut(8 * max);
+        for (dst, k) in keys.chunks_exact_mut(8).zip(&self.keys) {
+            dst.copy_from_slice(&k.to_le_bytes());
         }
-        let voff = NODE_HEADER_SIZE + 8 * max;
-        let mut w = Writer::new(buf.get_mut(voff..).unwrap_or(&mut []));
-        w.bytes(&self.values)
+        keys[8 * nr..].fill(0);
+        rest[..vs * nr].copy_from_slice(&self.values);
+        rest[vs * nr..].fill(0);
+        Ok(())
     }
 
     /// Unpack from a block (header and key order validated).

@@ -115,6 +115,9 @@ pub struct PoolMetadata {
     /// Details of devices touched since open: written to the details tree at commit.
     details: BTreeMap<u64, CachedDetails>,
     data_block_size: u32,
+    /// Set when a mutation failed after it began changing state: further mutations are
+    /// refused (`ReadOnly`) until `abort` (or reopen) restores the last commit.
+    failed: Option<String>,
 }
 
 const _: () = {
@@ -221,6 +224,7 @@ impl PoolMetadata {
             details_root: l.sb.device_details_root,
             details: BTreeMap::new(),
             data_block_size: l.sb.data_block_size,
+            failed: None,
         }
     }
 
@@ -345,6 +349,10 @@ impl PoolMetadata {
     /// metadata sm, all dirty blocks + flush, superblock + flush). On error the in-memory state
     /// is unusable: call [`PoolMetadata::abort`].
     pub fn commit(&mut self) -> Result<()> {
+        self.guarded("commit", |s| s.commit_inner())
+    }
+
+    fn commit_inner(&mut self) -> Result<()> {
         self.commit_write_details()?;
         let data_root = self.data_sm.pre_commit(&mut self.tm)?;
         let meta_root = self.tm.pre_commit()?;
@@ -381,7 +389,44 @@ impl PoolMetadata {
         self.mapping_root = l.sb.data_mapping_root;
         self.details_root = l.sb.device_details_root;
         self.details.clear();
+        self.failed = None;
         Ok(())
+    }
+
+    /// Run a mutation: refused after an earlier failure; an error that may have left
+    /// partial changes latches the metadata read-only until [`PoolMetadata::abort`].
+    fn guarded<T>(&mut self, op: &str, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.check_writable()?;
+        let r = f(self);
+        if let Err(e) = &r {
+            let clean = matches!(
+                e.kind(),
+                ErrorKind::NotFound
+                    | ErrorKind::Exists
+                    | ErrorKind::InvalidArgument
+                    | ErrorKind::Busy
+                    | ErrorKind::WouldBlock
+            );
+            if !clean {
+                self.failed = Some(format!("{op} failed: {e}"));
+            }
+        }
+        r
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        match &self.failed {
+            Some(why) => err(
+                ErrorKind::ReadOnly,
+                format!("metadata is read-only until abort or reopen ({why})"),
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether an earlier failure latched the metadata read-only (cleared by `abort`).
+    pub fn is_failed(&self) -> bool {
+        self.failed.is_some()
     }
 
     fn cached_details(&mut self, dev: DevId, nonblocking: bool) -> Result<Option<DeviceDetails>> {
@@ -448,6 +493,10 @@ impl PoolMetadata {
 
     /// Create an empty thin device. Errors: `Exists`, `InvalidArgument` (id > 2^24-1).
     pub fn create_thin(&mut self, dev: DevId) -> Result<()> {
+        self.guarded("create_thin", |s| s.create_thin_inner(dev))
+    }
+
+    fn create_thin_inner(&mut self, dev: DevId) -> Result<()> {
         check_dev_id(dev)?;
         if self.cached_details(dev, false)?.is_some() {
             return err(
@@ -486,6 +535,13 @@ impl PoolMetadata {
     /// Errors: `Exists`, `NotFound` (origin), `InvalidArgument` (id), `Limit` (the pool time
     /// would exceed 2^24-1, the width of a mapping's time).
     pub fn create_snap(&mut self, dev: DevId, origin: DevId) -> Result<()> {
+        if u64::from(self.time) >= TIME_MASK {
+            return err(ErrorKind::Limit, "pool time would exceed 2^24-1 snapshots");
+        }
+        self.guarded("create_snap", |s| s.create_snap_inner(dev, origin))
+    }
+
+    fn create_snap_inner(&mut self, dev: DevId, origin: DevId) -> Result<()> {
         check_dev_id(dev)?;
         if self.cached_details(dev, false)?.is_some() {
             return err(
@@ -527,6 +583,10 @@ impl PoolMetadata {
     /// Delete a thin device and release its mappings (unshared nodes freed, data blocks of
     /// freed leaves dec'd). Errors: `NotFound`.
     pub fn delete_thin(&mut self, dev: DevId) -> Result<()> {
+        self.guarded("delete_thin", |s| s.delete_thin_inner(dev))
+    }
+
+    fn delete_thin_inner(&mut self, dev: DevId) -> Result<()> {
         self.details_or_not_found(dev)?;
         let (droot, _) = btree::remove(
             &mut self.tm,
@@ -602,6 +662,7 @@ impl PoolMetadata {
     /// Allocate a free data block (count 1). Never returns a block freed in the open
     /// transaction. Errors: `NoSpace`.
     pub fn alloc_data_block(&mut self) -> Result<DataBlock> {
+        self.check_writable()?;
         self.data_sm.ll.alloc(&mut self.tm.bm).map(DataBlock)
     }
 
@@ -610,6 +671,10 @@ impl PoolMetadata {
     /// dec'd. Errors: `NotFound` (device), `InvalidArgument` (data block beyond the pool),
     /// `NoSpace` (metadata).
     pub fn insert_block(&mut self, dev: DevId, block: ThinBlock, data: DataBlock) -> Result<()> {
+        self.guarded("insert_block", |s| s.insert_block_inner(dev, block, data))
+    }
+
+    fn insert_block_inner(&mut self, dev: DevId, block: ThinBlock, data: DataBlock) -> Result<()> {
         let mut d = self.details_or_not_found(dev)?;
         if data.0 >= self.data_sm.ll.nr_blocks {
             return err(
@@ -665,6 +730,10 @@ impl PoolMetadata {
 
     /// Unmap `[begin, end)` (decs the data blocks); returns the number of mappings removed.
     pub fn remove_range(&mut self, dev: DevId, begin: ThinBlock, end: ThinBlock) -> Result<u64> {
+        self.guarded("remove_range", |s| s.remove_range_inner(dev, begin, end))
+    }
+
+    fn remove_range_inner(&mut self, dev: DevId, begin: ThinBlock, end: ThinBlock) -> Result<u64> {
         let mut d = self.details_or_not_found(dev)?;
         if begin >= end {
             return Ok(0);
@@ -793,6 +862,10 @@ impl PoolMetadata {
     /// at a new block sharing the live mapping and details trees. Persisted by the next commit.
     /// Returns its block. Errors: `Busy` if one is already held.
     pub fn reserve_metadata_snap(&mut self) -> Result<MetaBlock> {
+        self.guarded("reserve_metadata_snap", |s| s.reserve_metadata_snap_inner())
+    }
+
+    fn reserve_metadata_snap_inner(&mut self) -> Result<MetaBlock> {
         if self.held_root != 0 {
             return err(
                 ErrorKind::Busy,
@@ -820,6 +893,10 @@ impl PoolMetadata {
     /// Release the held metadata snapshot: delete its trees (shared parts are only dec'd) and
     /// free its superblock copy. Errors: `InvalidArgument` if none is held.
     pub fn release_metadata_snap(&mut self) -> Result<()> {
+        self.guarded("release_metadata_snap", |s| s.release_metadata_snap_inner())
+    }
+
+    fn release_metadata_snap_inner(&mut self) -> Result<()> {
         if self.held_root == 0 {
             return err(ErrorKind::InvalidArgument, "no metadata snapshot is held");
         }
@@ -855,6 +932,12 @@ impl PoolMetadata {
     /// Grow the data space map to `new_nr_blocks`. Errors: `InvalidArgument` when shrinking or
     /// beyond 2^40 blocks; `NoSpace` (metadata).
     pub fn resize_data_dev(&mut self, new_nr_blocks: u64) -> Result<()> {
+        self.guarded("resize_data_dev", |s| {
+            s.resize_data_dev_inner(new_nr_blocks)
+        })
+    }
+
+    fn resize_data_dev_inner(&mut self, new_nr_blocks: u64) -> Result<()> {
         let old = self.data_sm.ll.nr_blocks;
         if new_nr_blocks < old {
             return err(
@@ -868,6 +951,12 @@ impl PoolMetadata {
     /// Grow the metadata space map to `min(new_nr_blocks, 4,161,600)` blocks. Errors:
     /// `InvalidArgument` when shrinking or beyond the device.
     pub fn resize_metadata_dev(&mut self, new_nr_blocks: u64) -> Result<()> {
+        self.guarded("resize_metadata_dev", |s| {
+            s.resize_metadata_dev_inner(new_nr_blocks)
+        })
+    }
+
+    fn resize_metadata_dev_inner(&mut self, new_nr_blocks: u64) -> Result<()> {
         if new_nr_blocks > self.tm.bm.nr_blocks() {
             return err(
                 ErrorKind::InvalidArgument,
@@ -913,12 +1002,16 @@ impl PoolMetadata {
 
     /// Take an extra reference on a data block (discard passdown).
     pub fn inc_data_block(&mut self, block: DataBlock) -> Result<()> {
-        self.data_sm.ll.inc(&mut self.tm.bm, block.0)
+        self.guarded("inc_data_block", |s| {
+            s.data_sm.ll.inc(&mut s.tm.bm, block.0)
+        })
     }
 
     /// Drop a reference on a data block. Errors: `Corrupt` if it is free.
     pub fn dec_data_block(&mut self, block: DataBlock) -> Result<()> {
-        self.data_sm.ll.dec(&mut self.tm.bm, block.0).map(|_| ())
+        self.guarded("dec_data_block", |s| {
+            s.data_sm.ll.dec(&mut s.tm.bm, block.0).map(|_| ())
+        })
     }
 
     /// Whether the superblock NEEDS_CHECK flag is set.

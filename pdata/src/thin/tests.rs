@@ -946,3 +946,56 @@ fn open_time_and_memory_do_not_depend_on_mapping_count() {
     }
     assert!(pmd.tm.bm.nr_cached() <= 64);
 }
+
+#[test]
+fn io_failure_latches_read_only_until_abort_restores_the_last_commit() {
+    use crate::testing::{FaultPlan, FaultyBlockIo};
+    for fail_at in 1..12u64 {
+        let mem = MemBlockIo::new(512);
+        let io = FaultyBlockIo::new(mem.clone());
+        let mut pmd = PoolMetadata::format(Box::new(io.clone()), 128, 5000, opts()).unwrap();
+        pmd.create_thin(DevId(1)).unwrap();
+        for v in 0..500u64 {
+            let d = pmd.alloc_data_block().unwrap();
+            pmd.insert_block(DevId(1), ThinBlock(v), d).unwrap();
+        }
+        pmd.commit().unwrap();
+        for v in 500..900u64 {
+            let d = pmd.alloc_data_block().unwrap();
+            pmd.insert_block(DevId(1), ThinBlock(v), d).unwrap();
+        }
+        let plan = if fail_at % 2 == 0 {
+            FaultPlan {
+                fail_write: Some(fail_at),
+                ..FaultPlan::default()
+            }
+        } else {
+            FaultPlan {
+                fail_flush: Some(fail_at.div_ceil(2).min(2)),
+                ..FaultPlan::default()
+            }
+        };
+        io.set_plan(plan);
+        let e = pmd.commit().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "fail_at {fail_at}: {e}");
+        assert!(pmd.is_failed());
+        let e = pmd
+            .insert_block(DevId(1), ThinBlock(1), DataBlock(1))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ReadOnly);
+        assert_eq!(
+            pmd.create_thin(DevId(2)).unwrap_err().kind(),
+            ErrorKind::ReadOnly
+        );
+        io.set_plan(FaultPlan::default());
+        pmd.abort().unwrap();
+        assert!(!pmd.is_failed());
+        // The failed commit either reached the superblock or not: both states are valid.
+        let n = pmd.device_details(DevId(1)).unwrap().unwrap().mapped_blocks;
+        assert!(n == 500 || n == 900, "fail_at {fail_at}: {n} mappings");
+        pmd.create_thin(DevId(2)).unwrap();
+        pmd.commit().unwrap();
+        checker::check(&mut pmd);
+        thin_check_and_dump(&mem);
+    }
+}
