@@ -92,7 +92,7 @@ fn run_on(
         let tx = tx.clone();
         let spec = job.spec.clone();
         let secs = opts.time_secs;
-        let writes = opts.workload != Workload::Read && opts.workload != Workload::RandRead;
+        let writes = !opts.workload.is_read_only();
         handle.send_msg(job.reactor, move || {
             start_job(spec, writes, clock, secs, counters, move |outcome| {
                 let _ = tx.send((index, outcome));
@@ -129,15 +129,29 @@ fn apply_config(calls: Vec<ConfigCall>) -> Result<(), String> {
     Ok(())
 }
 
+/// The bdevs to run on: `-T`'s, or every leaf bdev (one no virtual bdev has claimed, as
+/// SPDK's bdevperf walks `spdk_bdev_first_leaf`), so the base of a pool or wrapper is skipped.
 fn select_bdevs(opts: &Options) -> Result<Vec<Arc<dyn Bdev>>, String> {
     let registry = bdev::registry();
     if let Some(name) = &opts.only_bdev {
-        return match registry.lookup(name) {
-            Some(b) => Ok(vec![b]),
-            None => Err(format!("-T: no bdev named '{name}'")),
-        };
+        let bdev = registry
+            .lookup(name)
+            .ok_or_else(|| format!("-T: no bdev named '{name}'"))?;
+        if let Some(owner) = bdev.core().claimed_by() {
+            if !opts.workload.is_read_only() {
+                return Err(format!(
+                    "-T: bdev {name} is claimed by module {owner}; -w {} would write to it",
+                    opts.workload
+                ));
+            }
+        }
+        return Ok(vec![bdev]);
     }
-    let bdevs = registry.list();
+    let bdevs: Vec<Arc<dyn Bdev>> = registry
+        .list()
+        .into_iter()
+        .filter(|b| b.core().claimed_by().is_none())
+        .collect();
     if bdevs.is_empty() {
         return Err("no bdevs to run on: give a --json config that creates some".into());
     }
@@ -547,5 +561,78 @@ mod signal {
     /// Whether a signal arrived.
     pub fn received() -> bool {
         RECEIVED.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bdev::testing::fault;
+    use serde_json::json;
+
+    use super::*;
+    use crate::cli::{parse_args, Command};
+
+    fn options(args: &[&str]) -> Options {
+        match parse_args(args) {
+            Ok(Command::Run(o)) => *o,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn claimed_bdevs_are_skipped_unless_named_for_reading() {
+        apply_config(vec![ConfigCall {
+            subsystem: "bdev".into(),
+            method: "bdev_malloc_create".into(),
+            params: json!({"name": "SelBase0", "num_blocks": 1024, "block_size": 512}),
+        }])
+        .unwrap();
+        fault::create("SelFault0", "SelBase0").unwrap();
+        let all = options(&["-q", "1", "-o", "4k", "-w", "randwrite", "-t", "1"]);
+        let names: Vec<String> = select_bdevs(&all)
+            .unwrap()
+            .iter()
+            .map(|b| b.name().to_owned())
+            .collect();
+        assert!(names.iter().any(|n| n == "SelFault0"), "{names:?}");
+        assert!(!names.iter().any(|n| n == "SelBase0"), "{names:?}");
+
+        let write_base = options(&[
+            "-q",
+            "1",
+            "-o",
+            "4k",
+            "-w",
+            "randwrite",
+            "-t",
+            "1",
+            "-T",
+            "SelBase0",
+        ]);
+        let e = select_bdevs(&write_base).err().unwrap();
+        assert!(e.contains("claimed by module fault"), "{e}");
+        let read_base = options(&[
+            "-q", "1", "-o", "4k", "-w", "randread", "-t", "1", "-T", "SelBase0",
+        ]);
+        assert_eq!(select_bdevs(&read_base).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn unknown_config_method_names_the_supported_ones() {
+        let e = apply_config(vec![ConfigCall {
+            subsystem: "bdev".into(),
+            method: "bdev_nope_create".into(),
+            params: json!({}),
+        }])
+        .unwrap_err();
+        assert!(e.contains("unknown method 'bdev_nope_create'"), "{e}");
+        assert!(e.contains("bdev_malloc_create"), "{e}");
+        let e = apply_config(vec![ConfigCall {
+            subsystem: "bdev".into(),
+            method: "bdev_malloc_create".into(),
+            params: json!({"name": "BadParams0", "num_blocks": 8, "block_size": 512, "x": 1}),
+        }])
+        .unwrap_err();
+        assert!(e.starts_with("--json: bdev_malloc_create: "), "{e}");
     }
 }

@@ -90,6 +90,11 @@ impl Workload {
         }
     }
 
+    /// Whether the workload only reads (a read-only descriptor suffices).
+    pub fn is_read_only(self) -> bool {
+        matches!(self, Workload::Read | Workload::RandRead)
+    }
+
     /// Whether I/Os of this workload carry a data buffer.
     pub fn needs_buffers(self) -> bool {
         !matches!(
