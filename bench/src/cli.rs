@@ -5,6 +5,8 @@
 //! Values that depend on the bdevs (I/O size against block size, `-T` against the bdev list)
 //! are checked later, once the config has created the bdevs.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
+
 use std::fmt;
 use std::path::PathBuf;
 

@@ -8,6 +8,8 @@
 //! Only the shape is checked here; each call's params are checked by the bdev crate's RPC
 //! handler for that method, exactly as the same call over JSON-RPC would be.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
+
 use std::fmt;
 use std::path::Path;
 

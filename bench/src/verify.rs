@@ -14,6 +14,8 @@
 //! (other LBA) or garbage. Before a read-back the header word of each block is poisoned, so a
 //! read that does not deliver data into the buffer is caught, not passed vacuously.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
+
 use std::fmt;
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
