@@ -1,0 +1,183 @@
+//! Blocking I/O on a bdev for the pool's metadata worker thread: each request is a message to
+//! one reactor ("the I/O reactor"), which submits it on its channel; the worker waits for the
+//! completion on a rendezvous channel. Never call these from a reactor (it would deadlock).
+//!
+//! [`MetaBlockIo`] is `pdata`'s [`BlockIo`] over the metadata bdev (4 KiB blocks);
+//! [`SyncIo`] also serves the worker's few data-bdev operations (pre-commit flush, discard
+//! passdown, the label table block).
+
+use std::io;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pdata::{BlockIo, BLOCK_SIZE};
+use reactor::{ReactorId, RuntimeHandle};
+
+use crate::bdev::IoStatus;
+use crate::buf::IoBuf;
+use crate::desc::BdevDesc;
+use crate::io::{IoCallback, IoDone};
+
+/// How long the worker waits for one I/O before declaring it failed (a stopped runtime never
+/// answers).
+const SYNC_IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One blocking operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SyncOp {
+    Read,
+    Write,
+    Flush,
+    Unmap,
+}
+
+/// Blocking access to one bdev through a reactor.
+#[derive(Clone)]
+pub(crate) struct SyncIo {
+    pub rt: RuntimeHandle,
+    pub reactor: ReactorId,
+    pub desc: Arc<BdevDesc>,
+}
+
+impl SyncIo {
+    /// Block size of the bdev in bytes.
+    pub fn block_size(&self) -> u64 {
+        u64::from(self.desc.bdev().block_size())
+    }
+
+    /// Runs `op` on `[offset_bytes, offset_bytes + len_bytes)`; `data` is the write payload.
+    /// Returns the bytes read (empty for other ops). Errors are positive errnos.
+    pub fn run(
+        &self,
+        op: SyncOp,
+        offset_bytes: u64,
+        len_bytes: usize,
+        data: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, i32> {
+        let bs = self.block_size();
+        assert!(offset_bytes.is_multiple_of(bs), "unaligned sync I/O offset");
+        assert!(
+            (len_bytes as u64).is_multiple_of(bs),
+            "unaligned sync I/O length"
+        );
+        let (tx, rx) = mpsc::sync_channel::<Result<Vec<u8>, i32>>(1);
+        let desc = self.desc.clone();
+        self.rt.send_msg(self.reactor, move || {
+            submit_sync(&desc, op, offset_bytes / bs, len_bytes, data, tx)
+        });
+        match rx.recv_timeout(SYNC_IO_TIMEOUT) {
+            Ok(r) => r,
+            Err(_) => Err(libc::EIO),
+        }
+    }
+}
+
+/// On the I/O reactor: submit and send the outcome to `tx` from the completion.
+fn submit_sync(
+    desc: &BdevDesc,
+    op: SyncOp,
+    offset_blocks: u64,
+    len_bytes: usize,
+    data: Option<Vec<u8>>,
+    tx: mpsc::SyncSender<Result<Vec<u8>, i32>>,
+) {
+    let ch = match desc.get_io_channel() {
+        Ok(ch) => ch,
+        Err(e) => {
+            let _ = tx.send(Err(e.errno()));
+            return;
+        }
+    };
+    let bs = u64::from(desc.bdev().block_size());
+    let nr = len_bytes as u64 / bs;
+    let keep = ch.clone();
+    let tx_cb = tx.clone();
+    let cb: IoCallback = Rc::new(move |d: IoDone| {
+        let _channel_alive_until_done = &keep;
+        let r = match d.status {
+            IoStatus::Success => Ok(d.buf.as_ref().map(|b| b.to_vec()).unwrap_or_default()),
+            other => Err(other.errno()),
+        };
+        let _ = tx_cb.send(r);
+    });
+    let r = match op {
+        SyncOp::Read => ch.read(IoBuf::alloc(len_bytes), offset_blocks, nr, 0, &cb),
+        SyncOp::Write => {
+            let payload = data.unwrap_or_else(|| vec![0; len_bytes]);
+            ch.write(IoBuf::from_slice(&payload), offset_blocks, nr, 0, &cb)
+        }
+        SyncOp::Flush => ch.flush(0, 0, 0, &cb),
+        SyncOp::Unmap => ch.unmap(offset_blocks, nr, 0, &cb),
+    };
+    if let Err(e) = r {
+        let _ = tx.send(Err(e.errno()));
+    }
+}
+
+/// `pdata`'s block interface over the metadata bdev (whose block size divides 4096).
+pub(crate) struct MetaBlockIo {
+    io: SyncIo,
+    nr_blocks: u64,
+}
+
+impl MetaBlockIo {
+    pub fn new(io: SyncIo) -> MetaBlockIo {
+        let bytes = io.desc.bdev().num_blocks() * io.block_size();
+        MetaBlockIo {
+            io,
+            nr_blocks: bytes / BLOCK_SIZE as u64,
+        }
+    }
+}
+
+fn errno_to_io(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+impl BlockIo for MetaBlockIo {
+    fn nr_blocks(&self) -> u64 {
+        self.nr_blocks
+    }
+
+    fn read_block(&self, loc: u64, buf: &mut [u8; BLOCK_SIZE]) -> io::Result<()> {
+        if loc >= self.nr_blocks {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("metadata block {loc} beyond {}", self.nr_blocks),
+            ));
+        }
+        let off = loc * BLOCK_SIZE as u64;
+        let data = self
+            .io
+            .run(SyncOp::Read, off, BLOCK_SIZE, None)
+            .map_err(errno_to_io)?;
+        if data.len() != BLOCK_SIZE {
+            return Err(io::Error::other("short metadata read"));
+        }
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+
+    fn write_block(&self, loc: u64, buf: &[u8; BLOCK_SIZE]) -> io::Result<()> {
+        if loc >= self.nr_blocks {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("metadata block {loc} beyond {}", self.nr_blocks),
+            ));
+        }
+        let off = loc * BLOCK_SIZE as u64;
+        self.io
+            .run(SyncOp::Write, off, BLOCK_SIZE, Some(buf.to_vec()))
+            .map(|_| ())
+            .map_err(errno_to_io)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.io
+            .run(SyncOp::Flush, 0, 0, None)
+            .map(|_| ())
+            .map_err(errno_to_io)
+    }
+}

@@ -1,0 +1,379 @@
+//! Thin pool and thin bdevs on real reactors (interrupt mode): model-based random I/O with
+//! snapshots, deletes, resizes across reactors; persistence of thin bdevs by name; flush
+//! durability; out of space; metadata failures. After each test the metadata image passes
+//! pdata's checker (and /usr/sbin/thin_check when installed).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bdev::thin::{self, PoolOpts};
+use bdev::{malloc, BdevDesc, IoStatus, IoType};
+use common::{ok, open, Req, Rt};
+use pdata::testing::Rng;
+
+const DBS: u64 = 64 * 1024;
+const BS: u64 = 4096;
+
+fn malloc(name: &str, bytes: u64, bs: u32) {
+    malloc::create(malloc::MallocOpts {
+        name: Some(name.to_string()),
+        num_blocks: bytes / u64::from(bs),
+        block_size: bs,
+        uuid: None,
+        optimal_io_boundary: 0,
+    })
+    .unwrap();
+}
+
+/// Reads the whole bdev `name` through reactor 0.
+fn read_all(rt: &Rt, name: &str) -> Vec<u8> {
+    let d = Arc::new(BdevDesc::open(name, false, |_| {}).unwrap());
+    let bs = u64::from(d.bdev().block_size());
+    let n = d.bdev().num_blocks();
+    let mut out = Vec::new();
+    let chunk = (1 << 20) / bs;
+    let mut off = 0;
+    while off < n {
+        let k = chunk.min(n - off);
+        out.extend(ok(rt.io(0, &d, Req::Read(off, k))));
+        off += k;
+    }
+    out
+}
+
+/// pdata's checker (and thin_check if present) on the metadata bdev's image.
+fn check_metadata(rt: &Rt, meta: &str) {
+    let image = read_all(rt, meta);
+    let io = pdata::MemBlockIo::from_image(image.clone()).unwrap();
+    let rep = pdata::thin::check::check(&io, &pdata::thin::check::CheckOptions::default());
+    assert!(rep.is_clean(), "metadata check failed:\n{rep}");
+    if let Some(tool) = pdata::testing::require_tool("thin_check") {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &image).unwrap();
+        let out = std::process::Command::new(tool)
+            .arg(f.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "thin_check failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn pool_opts(name: &str, data: &str, meta: &str) -> PoolOpts {
+    let mut o = PoolOpts::new(name, data, meta);
+    o.commit_interval_ms = 50;
+    o
+}
+
+fn write(rt: &Rt, r: usize, d: &Arc<BdevDesc>, off: u64, data: Vec<u8>) -> IoStatus {
+    rt.io(r, d, Req::Write(off, data)).unwrap().0
+}
+
+fn flush(rt: &Rt, r: usize, d: &Arc<BdevDesc>) {
+    assert_eq!(rt.io(r, d, Req::Flush(0, 0)).unwrap().0, IoStatus::Success);
+}
+
+#[test]
+fn thin_model_random_io_across_reactors() {
+    let rt = Rt::start(2, true);
+    thin::set_runtime(rt.h.clone());
+    malloc("tm_data", 32 << 20, 512);
+    malloc("tm_meta", 4 << 20, 4096);
+    thin::create_pool_blocking(pool_opts("tm_pool", "tm_data", "tm_meta")).unwrap();
+    let size = 2 << 20; // 32 data blocks per thin
+    let mut names = Vec::new();
+    for i in 0..2 {
+        let n = format!("tm_thin{i}");
+        thin::create_thin_blocking("tm_pool", &n, size, 4096, None).unwrap();
+        names.push(n);
+    }
+    let mut model: BTreeMap<String, Vec<u8>> = names
+        .iter()
+        .map(|n| (n.clone(), vec![0u8; size as usize]))
+        .collect();
+    let mut descs: BTreeMap<String, Arc<BdevDesc>> =
+        names.iter().map(|n| (n.clone(), open(n))).collect();
+    let seed = Rng::seed_from_env("THIN_SEED");
+    let mut rng = Rng::new(seed);
+    let mut nr_snaps = 0;
+    for step in 0..600 {
+        let keys: Vec<String> = model.keys().cloned().collect();
+        let name = keys[rng.below(keys.len() as u64) as usize].clone();
+        let d = descs[&name].clone();
+        let r = rng.below(2) as usize;
+        let nblocks = model[&name].len() as u64 / BS;
+        match rng.below(100) {
+            0..=39 => {
+                let len = 1 + rng.below(24);
+                let off = rng.below(nblocks - len + 1);
+                let data: Vec<u8> = (0..len * BS).map(|_| rng.below(256) as u8).collect();
+                assert_eq!(
+                    write(&rt, r, &d, off, data.clone()),
+                    IoStatus::Success,
+                    "step {step}"
+                );
+                let m = model.get_mut(&name).unwrap();
+                m[(off * BS) as usize..((off + len) * BS) as usize].copy_from_slice(&data);
+            }
+            40..=69 => {
+                let len = 1 + rng.below(32);
+                let off = rng.below(nblocks - len + 1);
+                let got = ok(rt.io(r, &d, Req::Read(off, len)));
+                let m = &model[&name];
+                assert!(
+                    got == m[(off * BS) as usize..((off + len) * BS) as usize],
+                    "seed {seed} step {step}: read mismatch on {name} at {off}+{len}"
+                );
+            }
+            70..=77 => {
+                // Unmap / write_zeroes: whole data blocks become zero; partial unmap ranges
+                // are ignored; partial write_zeroes ranges are zeroed.
+                let zeroes = rng.chance(1, 2);
+                let len = 1 + rng.below(40);
+                let off = rng.below(nblocks - len + 1);
+                let req = if zeroes {
+                    Req::WriteZeroes(off, len)
+                } else {
+                    Req::Unmap(off, len)
+                };
+                assert_eq!(rt.io(r, &d, req).unwrap().0, IoStatus::Success);
+                let m = model.get_mut(&name).unwrap();
+                let bpd = DBS / BS;
+                for b in off..off + len {
+                    let whole = {
+                        let vb = b / bpd;
+                        vb * bpd >= off && (vb + 1) * bpd <= off + len
+                    };
+                    if zeroes || whole {
+                        m[(b * BS) as usize..((b + 1) * BS) as usize].fill(0);
+                    }
+                }
+            }
+            78..=84 => flush(&rt, r, &d),
+            85..=89 if nr_snaps < 4 => {
+                nr_snaps += 1;
+                let s = format!("{name}_s{step}");
+                thin::snapshot_blocking(&name, &s).unwrap();
+                let img = model[&name].clone();
+                model.insert(s.clone(), img);
+                descs.insert(s.clone(), open(&s));
+            }
+            90..=92 if model.len() > 2 => {
+                descs.remove(&name);
+                thin::delete_thin_blocking(&name).unwrap();
+                model.remove(&name);
+            }
+            93..=95 => {
+                // Grow a thin bdev by one data block.
+                drop(descs.remove(&name));
+                let m = model.get_mut(&name).unwrap();
+                let new = m.len() as u64 + DBS;
+                if new <= 4 << 20 {
+                    thin::resize_thin_blocking(&name, new).unwrap();
+                    m.resize(new as usize, 0);
+                }
+                descs.insert(name.clone(), open(&name));
+            }
+            _ => {
+                let st = thin::pool_status_blocking("tm_pool").unwrap();
+                assert_eq!(st["mode"], "rw");
+            }
+        }
+    }
+    // Everything reads back, then again after closing and reopening the pool.
+    let verify = |model: &BTreeMap<String, Vec<u8>>| {
+        for (n, m) in model {
+            let d = open(n);
+            let nb = m.len() as u64 / BS;
+            let got = ok(rt.io(1, &d, Req::Read(0, nb)));
+            assert!(got == *m, "seed {seed}: final contents of {n} differ");
+        }
+    };
+    verify(&model);
+    let st = thin::pool_status_blocking("tm_pool").unwrap();
+    assert_eq!(st["thins"].as_array().unwrap().len(), model.len());
+    drop(descs);
+    thin::delete_pool_blocking("tm_pool").unwrap();
+    assert!(bdev::registry().lookup("tm_thin0").is_none() || !model.contains_key("tm_thin0"));
+    check_metadata(&rt, "tm_meta");
+    thin::create_pool_blocking(pool_opts("tm_pool", "tm_data", "tm_meta")).unwrap();
+    for n in model.keys() {
+        assert!(
+            bdev::registry().lookup(n).is_some(),
+            "{n} not re-registered"
+        );
+    }
+    verify(&model);
+    thin::delete_pool_blocking("tm_pool").unwrap();
+    check_metadata(&rt, "tm_meta");
+}
+
+#[test]
+fn thin_reopen_mismatching_block_size_is_refused() {
+    let rt = Rt::start(1, true);
+    thin::set_runtime(rt.h.clone());
+    malloc("bs_data", 8 << 20, 4096);
+    malloc("bs_meta", 1 << 20, 4096);
+    thin::create_pool_blocking(pool_opts("bs_pool", "bs_data", "bs_meta")).unwrap();
+    thin::delete_pool_blocking("bs_pool").unwrap();
+    let mut o = pool_opts("bs_pool", "bs_data", "bs_meta");
+    o.data_block_size = 128 * 1024;
+    let e = thin::create_pool_blocking(o).unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL);
+    assert!(e.to_string().contains("data block size"), "{e}");
+    let mut o = pool_opts("bs_pool2", "bs_data", "bs_meta");
+    o.data_block_size = 100 * 1024;
+    assert_eq!(
+        thin::create_pool_blocking(o).unwrap_err().errno(),
+        libc::EINVAL
+    );
+    check_metadata(&rt, "bs_meta");
+}
+
+#[test]
+fn thin_out_of_space_error_and_wait_for_grow() {
+    let rt = Rt::start(2, true);
+    thin::set_runtime(rt.h.clone());
+    let events = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+    let ev = events.clone();
+    thin::subscribe(move |k, p| ev.lock().unwrap().push((k.to_string(), p.to_string())));
+    // error_if_no_space: 8 data blocks, one holds the label table.
+    malloc("os_data", 8 * DBS, 4096);
+    malloc("os_meta", 1 << 20, 4096);
+    let mut o = pool_opts("os_pool", "os_data", "os_meta");
+    o.error_if_no_space = true;
+    o.low_water_mark = 3;
+    thin::create_pool_blocking(o).unwrap();
+    thin::create_thin_blocking("os_pool", "os_thin", 1 << 20, 4096, None).unwrap();
+    let d = open("os_thin");
+    let bpd = DBS / BS;
+    for vb in 0..7 {
+        assert_eq!(
+            write(&rt, 1, &d, vb * bpd, vec![7; BS as usize]),
+            IoStatus::Success
+        );
+    }
+    assert_eq!(
+        write(&rt, 0, &d, 7 * bpd, vec![7; BS as usize]),
+        IoStatus::Failed(libc::ENOSPC)
+    );
+    // Mapped blocks stay writable.
+    assert_eq!(
+        write(&rt, 0, &d, 1, vec![9; BS as usize]),
+        IoStatus::Success
+    );
+    let st = thin::pool_status_blocking("os_pool").unwrap();
+    assert_eq!(st["mode"], "out_of_data_space");
+    {
+        let e = events.lock().unwrap();
+        assert!(
+            e.contains(&("thin_pool_low_water_mark".into(), "os_pool".into())),
+            "{e:?}"
+        );
+        assert!(e.contains(&("thin_pool_out_of_data_space".into(), "os_pool".into())));
+    }
+    drop(d);
+    thin::delete_pool_blocking("os_pool").unwrap();
+    check_metadata(&rt, "os_meta");
+
+    // queue_if_no_space: a write waits, then completes after the data bdev grows.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data");
+    std::fs::write(&path, vec![0u8; (4 * DBS) as usize]).unwrap();
+    bdev::uring::create(bdev::uring::UringOpts {
+        name: "ow_data".into(),
+        filename: path.to_str().unwrap().into(),
+        block_size: Some(4096),
+        uuid: None,
+    })
+    .unwrap();
+    malloc("ow_meta", 1 << 20, 4096);
+    thin::create_pool_blocking(pool_opts("ow_pool", "ow_data", "ow_meta")).unwrap();
+    thin::create_thin_blocking("ow_pool", "ow_thin", 1 << 20, 4096, None).unwrap();
+    let d = open("ow_thin");
+    for vb in 0..3 {
+        assert_eq!(
+            write(&rt, 0, &d, vb * bpd, vec![1; BS as usize]),
+            IoStatus::Success
+        );
+    }
+    let rx = rt.submit(1, &d, Req::Write(3 * bpd, vec![5; BS as usize]));
+    assert!(
+        rx.recv_timeout(Duration::from_millis(400)).is_err(),
+        "write did not wait"
+    );
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(8 * DBS).unwrap();
+    let rescan = bdev::rpc_methods()
+        .into_iter()
+        .find(|(m, _)| *m == "bdev_uring_rescan")
+        .unwrap()
+        .1;
+    rescan(serde_json::json!({"name": "ow_data"})).unwrap();
+    assert_eq!(thin::grow_pool_blocking("ow_pool").unwrap(), 8);
+    let (status, _, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(status, IoStatus::Success);
+    let got = ok(rt.io(0, &d, Req::Read(3 * bpd, 1)));
+    assert_eq!(got, vec![5; BS as usize]);
+    assert_eq!(thin::pool_status_blocking("ow_pool").unwrap()["mode"], "rw");
+    drop(d);
+    thin::delete_pool_blocking("ow_pool").unwrap();
+    check_metadata(&rt, "ow_meta");
+}
+
+#[test]
+fn thin_metadata_io_error_goes_read_only() {
+    let rt = Rt::start(2, true);
+    thin::set_runtime(rt.h.clone());
+    let events = Arc::new(Mutex::new(Vec::<String>::new()));
+    let ev = events.clone();
+    thin::subscribe(move |k, p| {
+        if p == "fe_pool" {
+            ev.lock().unwrap().push(k.to_string())
+        }
+    });
+    malloc("fe_data", 4 << 20, 4096);
+    malloc("fe_meta_base", 1 << 20, 4096);
+    let fault = bdev::testing::fault::create("fe_meta", "fe_meta_base").unwrap();
+    thin::create_pool_blocking(pool_opts("fe_pool", "fe_data", "fe_meta")).unwrap();
+    thin::create_thin_blocking("fe_pool", "fe_thin", 1 << 20, 4096, None).unwrap();
+    let d = open("fe_thin");
+    let committed = vec![0x5a; DBS as usize];
+    assert_eq!(write(&rt, 0, &d, 0, committed.clone()), IoStatus::Success);
+    flush(&rt, 1, &d);
+    fault.config().set_error_ppm(IoType::Write, 1_000_000);
+    assert_eq!(
+        write(&rt, 1, &d, DBS / BS, vec![1; BS as usize]),
+        IoStatus::Success
+    );
+    let r = rt.io(0, &d, Req::Flush(0, 0)).unwrap().0;
+    assert_eq!(r, IoStatus::Failed(libc::EIO));
+    let st = thin::pool_status_blocking("fe_pool").unwrap();
+    assert_eq!(st["mode"], "ro");
+    assert_eq!(st["needs_check"], true);
+    assert!(events
+        .lock()
+        .unwrap()
+        .contains(&"thin_pool_read_only".to_string()));
+    // Committed data reads back; the rolled-back block reads as zeroes; allocation fails.
+    assert_eq!(ok(rt.io(1, &d, Req::Read(0, DBS / BS))), committed);
+    assert_eq!(
+        ok(rt.io(1, &d, Req::Read(DBS / BS, 1))),
+        vec![0; BS as usize]
+    );
+    assert_eq!(
+        write(&rt, 0, &d, 2 * DBS / BS, vec![1; BS as usize]),
+        IoStatus::Failed(libc::EIO)
+    );
+    fault.config().set_error_ppm(IoType::Write, 0);
+    drop(d);
+    thin::delete_pool_blocking("fe_pool").unwrap();
+    check_metadata(&rt, "fe_meta_base");
+}
