@@ -27,6 +27,7 @@ pub mod null;
 pub mod registry;
 pub mod rpc_util;
 pub mod testing;
+pub mod thin;
 pub mod uring;
 
 pub use crate::bdev::{
