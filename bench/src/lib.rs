@@ -20,12 +20,16 @@
 //!   byte offset, and what the block holds instead. **On a null bdev** (which discards
 //!   writes and leaves read buffers untouched, as SPDK's does) the data compare is skipped:
 //!   verify then checks only that every write and read completes, and says so on stderr.
+//!   (SPDK's bdevperf reads back into the buffer it wrote from, so on null its compare passes
+//!   without checking anything; we poison the buffer before each read-back, which would make
+//!   null fail, and skip the compare openly instead.)
 //!   The test-only `--inject-corruption LBA` overwrites that block with a foreign pattern
 //!   between a verify write and its read-back, to prove detection end to end.
 //! - Output: SPDK's result table, a p50/p99/p99.9 table from HDR histograms, then one JSON
 //!   line per job and one for the total (SPDK's result keys plus `p50_us`, `p99_us`,
 //!   `p999_us`, `status`). A progress line each second on runs of 3 s or more (`-S N`:
-//!   every N s, `-S 0`: never). SIGINT/SIGTERM end the run early with a full report.
+//!   every N s, `-S 0`: never). SIGINT/SIGTERM, or the bdev's hot removal, end the run (or
+//!   that bdev's jobs) early with a full report.
 //! - Exit status: 0 when every job finished cleanly; 1 on bad input (one line on stderr, no
 //!   table) or when any I/O failed or verify found a mismatch (table printed, each job's
 //!   error repeated on stderr).

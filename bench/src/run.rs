@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bdev::{Bdev, BdevDesc, IoType};
+use bdev::{Bdev, BdevDesc, BdevEvent, IoType};
 use reactor::{CoreMask, PollStatus, ReactorId, Runtime, RuntimeHandle, RuntimeOptions};
 
 use crate::cli::{format_core_mask, Options, AUTO_PROGRESS_MIN_SECS};
@@ -302,7 +302,16 @@ fn start_job(
         runtime_ticks: 0,
         error: Some(msg),
     };
-    let desc = match BdevDesc::open(&name, write, |_| {}) {
+    // Hot removal drains the job, as in SPDK's bdevperf; the event may come from any thread.
+    let on_event = {
+        let progress = progress.clone();
+        move |ev: BdevEvent| {
+            if ev == BdevEvent::Remove {
+                progress.stop.store(true, Ordering::Relaxed);
+            }
+        }
+    };
+    let desc = match BdevDesc::open(&name, write, on_event) {
         Ok(d) => d,
         Err(e) => return report(fail(format!("bdev {name}: cannot open: {e}"))),
     };
@@ -615,6 +624,61 @@ mod tests {
             "-q", "1", "-o", "4k", "-w", "randread", "-t", "1", "-T", "SelBase0",
         ]);
         assert_eq!(select_bdevs(&read_base).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn hot_removal_drains_the_job() {
+        apply_config(vec![ConfigCall {
+            subsystem: "bdev".into(),
+            method: "bdev_malloc_create".into(),
+            params: json!({"name": "RmMalloc0", "num_blocks": 2048, "block_size": 512}),
+        }])
+        .unwrap();
+        let mut opts = RuntimeOptions::new(CoreMask::from_cores([0]).unwrap());
+        opts.pin_threads = false;
+        let runtime = Runtime::start(opts, || {}).unwrap();
+        let handle = runtime.handle();
+        let spec = JobSpec {
+            name: "RmMalloc0".into(),
+            workload: Workload::RandRead,
+            read_percent: 100,
+            queue_depth: 4,
+            io_size_blocks: 8,
+            block_size: 512,
+            first_block: 0,
+            nr_units: 256,
+            seed: 1,
+            verify_data: true,
+            inject_corruption_lba: None,
+        };
+        let (tx, rx) = mpsc::channel();
+        let clock = Clock::calibrate(Duration::from_millis(5));
+        let progress = Arc::new(Progress::default());
+        let counters = progress.clone();
+        handle.send_msg(handle.reactor_ids()[0], move || {
+            start_job(spec, false, clock, 600.0, counters, move |o| {
+                let _ = tx.send(o);
+            });
+        });
+        let started = Instant::now();
+        while progress.nr_completed.load(Ordering::Relaxed) == 0 {
+            assert!(started.elapsed() < Duration::from_secs(10), "job never ran");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let methods = bdev::rpc_methods();
+        let delete = methods
+            .iter()
+            .find(|(m, _)| *m == "bdev_malloc_delete")
+            .unwrap()
+            .1;
+        delete(json!({"name": "RmMalloc0"})).unwrap();
+        let outcome = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("job drained on removal");
+        handle.stop();
+        runtime.join().unwrap();
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        assert!(outcome.stats.nr_completed > 0);
     }
 
     #[test]
