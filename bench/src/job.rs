@@ -131,7 +131,7 @@ pub struct Job {
 impl Job {
     /// Starts the job on the calling thread: allocates its buffers, submits `queue_depth`
     /// I/Os and returns. `on_done` runs (on this thread, from [`Job::poll`]) once the job has
-    /// drained after `duration_ticks` or after its first error.
+    /// drained after `duration_secs`, after its first error, or after `progress.stop` is set.
     pub fn start(
         spec: JobSpec,
         ch: BdevChannel,
