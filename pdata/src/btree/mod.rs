@@ -19,7 +19,7 @@ mod walk;
 #[cfg(test)]
 pub(crate) mod tests;
 
-pub use remove::{remove, remove_plain};
+pub use remove::{remove, remove_plain, remove_range};
 pub use walk::{for_each_entry, next_entry};
 
 use crate::block_manager::{BlockManager, ReadRef};

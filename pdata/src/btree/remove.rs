@@ -3,6 +3,7 @@
 //! below can then never leave a non-root node under-full.
 
 use super::node::{Node, INTERNAL_VALUE_SIZE};
+use super::walk::next_entry;
 use super::{read_node, shadow_node, write_node, NoRefs, ValueRefs, MAX_DEPTH};
 use crate::error::{err, ErrorKind, Result};
 use crate::transaction_manager::TransactionManager;
@@ -120,27 +121,39 @@ fn rebalance_child(
     }
 }
 
-/// Remove `key` (its value dec'd through `refs`). Returns (new root, whether it was present).
-pub fn remove(
+/// The leaf reached by a rebalancing descent towards `key`: its location, decoded node and
+/// whether it is the root (exempt from the occupancy rule).
+struct RemoveLeaf {
+    root: u64,
+    loc: u64,
+    node: Node,
+    is_root: bool,
+}
+
+/// Shadow and rebalance the spine towards `key` (spec §6.4). Returns None if `key` is below
+/// every key of an internal node on the way (it cannot be in the tree).
+fn descend_for_remove(
     tm: &mut TransactionManager,
     root: u64,
     key: u64,
     vs: usize,
     refs: &mut dyn ValueRefs,
-) -> Result<(u64, bool)> {
+) -> Result<(u64, Option<RemoveLeaf>)> {
     let root = shadow_node(tm, root, vs, refs)?;
     let mut loc = root;
     let mut node = read_node(tm, root, vs)?;
     for _ in 0..2 * MAX_DEPTH {
         if node.leaf {
-            let Ok(i) = node.keys.binary_search(&key) else {
-                return Ok((root, false));
-            };
-            let old = node.value(i).to_vec();
-            refs.dec(tm, &old)?;
-            node.remove_at(i);
-            write_node(tm, loc, &node)?;
-            return Ok((root, true));
+            let is_root = loc == root;
+            return Ok((
+                root,
+                Some(RemoveLeaf {
+                    root,
+                    loc,
+                    node,
+                    is_root,
+                }),
+            ));
         }
         assert_eq!(node.value_size, INTERNAL_VALUE_SIZE);
         if node.nr_entries() == 1 {
@@ -153,12 +166,12 @@ pub fn remove(
             continue;
         }
         let Some(i) = node.lower_bound(key) else {
-            return Ok((root, false));
+            return Ok((root, None));
         };
         rebalance_child(tm, &mut node, i, vs, refs)?;
         let Some(i) = node.lower_bound(key) else {
             write_node(tm, loc, &node)?;
-            return Ok((root, false));
+            return Ok((root, None));
         };
         let (c, cnode) = shadow_child(tm, &mut node, i, vs, refs)?;
         write_node(tm, loc, &node)?;
@@ -169,6 +182,95 @@ pub fn remove(
         ErrorKind::Limit,
         format!("tree at {root} deeper than {MAX_DEPTH}"),
     )
+}
+
+/// Remove `key` (its value dec'd through `refs`). Returns (new root, whether it was present).
+pub fn remove(
+    tm: &mut TransactionManager,
+    root: u64,
+    key: u64,
+    vs: usize,
+    refs: &mut dyn ValueRefs,
+) -> Result<(u64, bool)> {
+    let (root, leaf) = descend_for_remove(tm, root, key, vs, refs)?;
+    let Some(RemoveLeaf {
+        root,
+        loc,
+        mut node,
+        ..
+    }) = leaf
+    else {
+        return Ok((root, false));
+    };
+    let Ok(i) = node.keys.binary_search(&key) else {
+        return Ok((root, false));
+    };
+    let old = node.value(i).to_vec();
+    refs.dec(tm, &old)?;
+    node.remove_at(i);
+    write_node(tm, loc, &node)?;
+    Ok((root, true))
+}
+
+/// Remove every key in `[begin, end)` (values dec'd through `refs`); returns (new root,
+/// number removed). Each descent empties as much of one leaf as the occupancy rule allows.
+pub fn remove_range(
+    tm: &mut TransactionManager,
+    root: u64,
+    begin: u64,
+    end: u64,
+    vs: usize,
+    refs: &mut dyn ValueRefs,
+) -> Result<(u64, u64)> {
+    let mut root = root;
+    let mut removed = 0u64;
+    let mut from = begin;
+    while from < end {
+        let Some((k, _)) = next_entry(&mut tm.bm, root, from, vs, false)? else {
+            break;
+        };
+        if k >= end {
+            break;
+        }
+        let (r, leaf) = descend_for_remove(tm, root, k, vs, refs)?;
+        root = r;
+        let Some(RemoveLeaf {
+            loc,
+            mut node,
+            is_root,
+            ..
+        }) = leaf
+        else {
+            return err(
+                ErrorKind::Corrupt,
+                format!("key {k} unreachable in tree {root}"),
+            );
+        };
+        let start = node.keys.partition_point(|x| *x < k);
+        let stop = node.keys.partition_point(|x| *x < end);
+        let keep_min = if is_root { 0 } else { node.max_entries() / 3 };
+        let room = node.nr_entries().saturating_sub(keep_min);
+        let stop = stop.min(start + room);
+        if stop <= start {
+            return err(
+                ErrorKind::Corrupt,
+                format!("leaf {loc}: nothing removable at {k}"),
+            );
+        }
+        for i in start..stop {
+            let v = node.value(i).to_vec();
+            refs.dec(tm, &v)?;
+        }
+        let mut tail = node.split_off(stop);
+        node.keys.truncate(start);
+        node.values.truncate(start * node.value_size);
+        node.append(&mut tail);
+        assert!(is_root || node.nr_entries() >= node.max_entries() / 3);
+        write_node(tm, loc, &node)?;
+        removed += (stop - start) as u64;
+        from = k;
+    }
+    Ok((root, removed))
 }
 
 /// Remove from a plain tree (no reference semantics); returns the new root.

@@ -217,6 +217,16 @@ fn random_ops_with_shared_clone_match_model() {
                 root = ins(&mut tm, root, k, v, &mut refs);
                 model.insert(k, v);
             }
+            6 if step % 7 == 0 => {
+                let end = k + rng.below(3000);
+                let (r, n) = remove_range(&mut tm, root, k, end, 8, &mut refs).unwrap();
+                root = r;
+                let keys: Vec<u64> = model.range(k..end).map(|e| *e.0).collect();
+                assert_eq!(n, keys.len() as u64);
+                for key in keys {
+                    model.remove(&key);
+                }
+            }
             6..=8 => {
                 let (r, present) = remove(&mut tm, root, k, 8, &mut refs).unwrap();
                 root = r;
@@ -314,4 +324,39 @@ fn nonblocking_lookup_reports_would_block() {
         lookup_with(&mut tm.bm, root, 5, 8, true, value_u64).unwrap(),
         Some(5)
     );
+}
+
+#[test]
+fn remove_range_keeps_occupancy_and_counts() {
+    let mut tm = new_tm(4096, 128);
+    let mut refs = CountingRefs::default();
+    let mut root = new_empty(&mut tm, 8).unwrap();
+    let mut model = BTreeMap::new();
+    for k in 0..30_000u64 {
+        root = ins(&mut tm, root, k * 2, k % 500, &mut refs);
+        model.insert(k * 2, k % 500);
+    }
+    check_trees(&mut tm, &[(root, &model)], &refs);
+    tm.inc(root).unwrap();
+    let (clone, clone_model) = (root, model.clone());
+    for (b, e) in [
+        (1000u64, 1001u64),
+        (5, 20_000),
+        (40_000, 40_001),
+        (59_000, u64::MAX),
+        (0, 7),
+    ] {
+        let (r, n) = remove_range(&mut tm, root, b, e, 8, &mut refs).unwrap();
+        root = r;
+        let keys: Vec<u64> = model.range(b..e).map(|x| *x.0).collect();
+        assert_eq!(n, keys.len() as u64, "range {b}..{e}");
+        for k in keys {
+            model.remove(&k);
+        }
+        check_trees(&mut tm, &[(root, &model), (clone, &clone_model)], &refs);
+    }
+    let (r, n) = remove_range(&mut tm, root, 0, u64::MAX, 8, &mut refs).unwrap();
+    assert_eq!(n, model.len() as u64);
+    model.clear();
+    check_trees(&mut tm, &[(r, &model), (clone, &clone_model)], &refs);
 }

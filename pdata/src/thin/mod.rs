@@ -746,24 +746,10 @@ impl PoolMetadata {
             MAPPING_VALUE_SIZE,
             &mut BlockRefs,
             |tm, v| {
-                let mut sub = btree::value_u64(v)?;
-                let mut removed = 0u64;
-                let mut from = begin.0;
-                while let Some((k, _)) =
-                    btree::next_entry(&mut tm.bm, sub, from, MAPPING_VALUE_SIZE, false)?
-                {
-                    if k >= end.0 {
-                        break;
-                    }
-                    let mut refs = DataRefs {
-                        data_sm: &mut *data_sm,
-                    };
-                    let (nsub, present) = btree::remove(tm, sub, k, MAPPING_VALUE_SIZE, &mut refs)?;
-                    assert!(present, "key {k} vanished during remove_range");
-                    sub = nsub;
-                    removed += 1;
-                    from = k + 1;
-                }
+                let sub = btree::value_u64(v)?;
+                let mut refs = DataRefs { data_sm };
+                let (sub, removed) =
+                    btree::remove_range(tm, sub, begin.0, end.0, MAPPING_VALUE_SIZE, &mut refs)?;
                 v.copy_from_slice(&sub.to_le_bytes());
                 Ok(removed)
             },
