@@ -10,7 +10,8 @@
 //! - `--json` takes SPDK's config shape; each `{"method", "params"}` entry is run through the
 //!   bdev crate's RPC handler of that name, so params are exactly the RPC's. An unknown method,
 //!   bad params or a missing file is a one-line error. `bdev_wait_for_examine` is accepted and
-//!   ignored (bdevs are ready when their create call returns).
+//!   ignored (bdevs are ready when their create call returns); subsystems other than `bdev`
+//!   (e.g. `nvmf` in a config saved from `thind`) are skipped with a note on stderr.
 //! - Jobs: without `-C` each bdev gets one job, bdevs dealt round-robin to the cores of `-m`;
 //!   with `-C` every core runs a job on every bdev. Jobs on one bdev get disjoint, equal LBA
 //!   ranges. Each job keeps `-q` I/Os in flight through the bdev's channel on its reactor.

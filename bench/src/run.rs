@@ -105,9 +105,24 @@ fn run_on(
 }
 
 /// Runs each config call through the bdev crate's RPC handler of the same name.
+///
+/// Only the `bdev` subsystem is loaded: bdevperf has no NVMe-oF or vhost targets, so the
+/// entries of other subsystems (as in a config saved from `thind`) are skipped with a note.
 fn apply_config(calls: Vec<ConfigCall>) -> Result<(), String> {
     let methods = bdev::rpc_methods();
+    let mut skipped: Vec<String> = Vec::new();
     for call in calls {
+        if call.subsystem != "bdev" {
+            if !skipped.contains(&call.subsystem) {
+                eprintln!(
+                    "bdevperf: note: skipping subsystem '{}' of the config (bdevperf loads \
+                     only 'bdev')",
+                    call.subsystem
+                );
+                skipped.push(call.subsystem);
+            }
+            continue;
+        }
         if NOOP_METHODS.contains(&call.method.as_str()) {
             continue;
         }
@@ -698,5 +713,12 @@ mod tests {
         }])
         .unwrap_err();
         assert!(e.starts_with("--json: bdev_malloc_create: "), "{e}");
+        // Other subsystems' entries are not bdevperf's business.
+        apply_config(vec![ConfigCall {
+            subsystem: "nvmf".into(),
+            method: "nvmf_create_transport".into(),
+            params: json!({"trtype": "TCP"}),
+        }])
+        .unwrap();
     }
 }
