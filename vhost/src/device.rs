@@ -681,7 +681,10 @@ fn after_quiesce(id: u64, next: Next) {
                 Some(c) => c.handle_request(),
                 None => Ok(()),
             };
-            if let Err(e) = res {
+            if let Err(VuError::InvalidParam | VuError::InvalidOperation(_)) = &res {
+                // Our handler refused the request (already answered with a NACK when the
+                // frontend asked for one); the message was consumed whole, the session goes on.
+            } else if let Err(e) = res {
                 match e {
                     VuError::Disconnected | VuError::PartialMessage => {
                         crate::log(&format!("{}: frontend disconnected", h.shared.name));
