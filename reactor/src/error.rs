@@ -29,6 +29,13 @@ pub enum Error {
         /// The OS error.
         source: io::Error,
     },
+    /// A [`crate::RuntimeOptions`] field is out of range.
+    InvalidOption {
+        /// The field.
+        name: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
     /// The runtime stopped before the request could run.
     Stopped,
     /// A reactor thread panicked.
@@ -42,7 +49,9 @@ impl Error {
     /// The errno that best describes this error (for RPC error codes).
     pub fn errno(&self) -> i32 {
         match self {
-            Error::BadCoreMask { .. } | Error::CoreUnavailable { .. } => libc::EINVAL,
+            Error::BadCoreMask { .. }
+            | Error::CoreUnavailable { .. }
+            | Error::InvalidOption { .. } => libc::EINVAL,
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Stopped => libc::ESHUTDOWN,
             Error::ReactorPanicked { .. } => libc::EIO,
@@ -64,6 +73,7 @@ impl fmt::Display for Error {
                 write!(f, "core {core} is not available to this process")
             }
             Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::InvalidOption { name, reason } => write!(f, "invalid {name}: {reason}"),
             Error::Stopped => write!(f, "the reactor runtime has stopped"),
             Error::ReactorPanicked { id } => write!(f, "reactor {id} panicked"),
         }

@@ -16,7 +16,6 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::msg::send_msg;
 use crate::reactor::{self, ReactorId};
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
@@ -179,15 +178,4 @@ impl<C: 'static> fmt::Debug for IoChannel<C> {
             .field("reactor", &self.cell.reactor)
             .finish_non_exhaustive()
     }
-}
-
-/// Sends a message with an explicit device clone (helper for callers building their own
-/// per-reactor fan-out).
-pub fn send_to_channel<C: 'static>(
-    target: ReactorId,
-    device: &IoDevice<C>,
-    f: impl FnOnce(Option<IoChannel<C>>) + Send + 'static,
-) {
-    let device = device.clone();
-    send_msg(target, move || f(device.existing_channel()));
 }

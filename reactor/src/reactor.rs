@@ -83,6 +83,31 @@ impl RuntimeOptions {
     }
 }
 
+impl RuntimeOptions {
+    /// Largest `ring_entries` accepted (the kernel's `IORING_MAX_ENTRIES`).
+    pub const MAX_RING_ENTRIES: u32 = 32768;
+
+    /// Checks the numeric limits (the mask is valid by construction).
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |name, reason: &str| {
+            Err(Error::InvalidOption {
+                name,
+                reason: reason.to_string(),
+            })
+        };
+        if self.ring_entries == 0 || self.ring_entries > Self::MAX_RING_ENTRIES {
+            return bad("ring_entries", "must be 1..=32768");
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > 1 << 24 {
+            return bad("max_in_flight", "must be 1..=16777216");
+        }
+        if self.msg_batch == 0 {
+            return bad("msg_batch", "must be positive");
+        }
+        Ok(())
+    }
+}
+
 /// Per-reactor statistics (for `framework_get_reactors`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReactorStats {
@@ -623,6 +648,7 @@ impl Runtime {
         opts: RuntimeOptions,
         init: impl FnOnce() + Send + 'static,
     ) -> Result<Runtime, Error> {
+        opts.validate()?;
         if opts.pin_threads {
             cpu::check_available(&opts.mask)?;
         }

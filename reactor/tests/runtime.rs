@@ -817,6 +817,27 @@ fn unavailable_core_is_an_error() {
 }
 
 #[test]
+fn invalid_options_are_errors() {
+    for (field, set) in [
+        (
+            "ring_entries",
+            (|o: &mut RuntimeOptions| o.ring_entries = 0) as fn(&mut _),
+        ),
+        ("ring_entries", |o| o.ring_entries = 65536),
+        ("max_in_flight", |o| o.max_in_flight = 0),
+        ("msg_batch", |o| o.msg_batch = 0),
+    ] {
+        let mut opts = options(1, false);
+        set(&mut opts);
+        match Runtime::start(opts, || {}) {
+            Err(reactor::Error::InvalidOption { name, .. }) => assert_eq!(name, field),
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(_) => panic!("started with a bad {field}"),
+        }
+    }
+}
+
+#[test]
 fn pinned_reactor_runs_on_its_core() {
     let core = *reactor::cpu::available_cores().last().expect("some core");
     let mut opts = RuntimeOptions::new(CoreMask::from_cores([core]).unwrap());
