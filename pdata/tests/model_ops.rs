@@ -14,7 +14,7 @@
 use pdata::testing::{Harness, Op, Rng, Workload};
 use pdata::thin::check::{check, CheckOptions};
 use pdata::thin::dump::{read_pool, DumpRoot};
-use pdata::thin::CacheOpts;
+use pdata::thin::{CacheOpts, DevId, PoolMetadata, ThinBlock};
 use pdata::{BlockIo, MemBlockIo};
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -170,4 +170,109 @@ fn pool_metadata_matches_model() {
     );
     assert!(counts.get("create_snap").copied().unwrap_or(0) > 10);
     assert!(counts.get("commit").copied().unwrap_or(0) > 10);
+}
+
+/// Growth across space-map bitmap boundaries (spec §19 item 12): the data device from 16,000
+/// to 40,000 blocks (one to three data bitmaps) and the metadata device from 2,000 to 17,000
+/// blocks (two metadata bitmaps), with mappings before and after; the image must stay exact.
+#[test]
+fn growth_across_bitmap_boundaries() {
+    let seed = Rng::seed_from_env("PDATA_SEED");
+    println!("growth: seed {seed} (PDATA_SEED={seed} replays)");
+    let mut rng = Rng::new(seed);
+    let io = MemBlockIo::new(2000);
+    let dev = io.clone();
+    let factory = Box::new(move || Box::new(dev.clone()) as Box<dyn BlockIo>);
+    let opts = CacheOpts {
+        nr_cache_blocks: 128,
+    };
+    let mut h = Harness::format(factory, 256, 16_000, opts).unwrap();
+    let w = Workload {
+        removal_pct: 20,
+        abort_pct: 0,
+        reopen_pct: 1,
+        held_roots: false,
+        ..Workload::default()
+    };
+    let mut step = |h: &mut Harness, n: usize, rng: &mut Rng| {
+        for i in 0..n {
+            let op = h.random_op(&w, rng);
+            let op = if let Op::ResizeData(_) = op {
+                Op::Commit
+            } else {
+                op
+            };
+            h.apply(&op)
+                .unwrap_or_else(|e| panic!("seed {seed} op #{i} {op:?}: {e}"));
+        }
+        h.apply(&Op::Commit).unwrap();
+        h.verify_live(rng)
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        verify_image(&io, h).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    };
+    step(&mut h, 400, &mut rng);
+    h.apply(&Op::ResizeData(40_000)).unwrap();
+    io.resize(17_000);
+    h.meta().resize_metadata_dev(17_000).unwrap();
+    assert_eq!(h.meta().metadata_nr_blocks(), 17_000);
+    // Shrinking either is refused.
+    assert!(h.meta().resize_metadata_dev(16_000).is_err());
+    assert!(
+        h.apply(&Op::ResizeData(30_000)).is_ok(),
+        "shrink must be refused as the model expects"
+    );
+    step(&mut h, 400, &mut rng);
+    // Provision enough to land past the first data bitmap.
+    let devs: Vec<u64> = h.current.devices.keys().copied().collect();
+    let d = devs.first().copied().unwrap_or(0);
+    if devs.is_empty() {
+        h.apply(&Op::CreateThin(0)).unwrap();
+    }
+    for v in 0..17_000 {
+        h.apply(&Op::Provision {
+            dev: d,
+            vblock: 100_000 + v,
+        })
+        .unwrap();
+    }
+    h.apply(&Op::Commit).unwrap();
+    verify_image(&io, &h).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let top = h.current.mapped_data_blocks().last().copied().unwrap_or(0);
+    println!(
+        "growth: {} mappings, highest data block {top}",
+        h.current.nr_mappings()
+    );
+    assert!(top >= 16_320, "never allocated past the first data bitmap");
+}
+
+/// A pool reopened with a small cache must survive a long transaction (regression test for a
+/// bug found by `growth_across_bitmap_boundaries`, see /work/notes/pdata-bugs.md #2).
+#[test]
+fn reopened_pool_survives_a_long_transaction() {
+    let io = MemBlockIo::new(2000);
+    let opts = CacheOpts {
+        nr_cache_blocks: 128,
+    };
+    drop(PoolMetadata::format(Box::new(io.clone()), 256, 16_000, opts).unwrap());
+    let mut m = PoolMetadata::open(Box::new(io.clone()), 256, opts).unwrap();
+    m.commit().unwrap();
+    m.create_thin(DevId(0)).unwrap();
+    for v in 0..15_000u64 {
+        let b = m.alloc_data_block().unwrap();
+        if let Err(e) = m.insert_block(DevId(0), ThinBlock(100_000 + v), b) {
+            panic!("insert #{v} (data block {}): {e}", b.0);
+        }
+    }
+    m.commit().unwrap();
+    let report = check(
+        &io,
+        &CheckOptions {
+            exact_nr_allocated: true,
+        },
+    );
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(
+        read_pool(&io, DumpRoot::Live).unwrap().devices[0].nr_mappings(),
+        15_000
+    );
 }
