@@ -101,6 +101,12 @@ pub(crate) fn read_node(tm: &mut TransactionManager, loc: u64, vs: usize) -> Res
     let r = tm.bm.read_lock(loc, &BTREE_VALIDATOR)?;
     let nr = NodeRef::new(&r)?;
     check_leaf_vs(&nr, loc, vs)?;
+    if !nr.header.is_leaf() && nr.nr_entries() == 0 {
+        return err(
+            ErrorKind::Corrupt,
+            format!("node {loc}: internal node without entries"),
+        );
+    }
     nr.to_node()
 }
 
@@ -256,33 +262,49 @@ fn prepare_leaf(
     )
 }
 
+/// What [`insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// A new key.
+    New,
+    /// An existing key whose old value was dec'd and replaced.
+    Replaced,
+    /// An existing key whose old value was `equal` to the new one: replaced without a dec, so
+    /// a reference the caller took for the new value is surplus.
+    ReplacedEqual,
+}
+
 /// Insert or overwrite `key → value`. Overwriting decs the old value unless `equal`; a new
-/// value is not inc'd (the caller holds its reference). Returns (new root, whether new key).
+/// value is not inc'd (the caller holds its reference). Returns (new root, what happened).
 pub fn insert(
     tm: &mut TransactionManager,
     root: u64,
     key: u64,
     value: &[u8],
     refs: &mut dyn ValueRefs,
-) -> Result<(u64, bool)> {
+) -> Result<(u64, Inserted)> {
     let vs = value.len();
     let (root, loc, mut leaf) = prepare_leaf(tm, root, key, vs, refs)?;
-    let inserted = match leaf.keys.binary_search(&key) {
+    let what = match leaf.keys.binary_search(&key) {
         Ok(i) => {
-            let old = leaf.value(i).to_vec();
-            if !refs.equal(&old, value) {
+            let old = leaf.value(i);
+            let what = if refs.equal(old, value) {
+                Inserted::ReplacedEqual
+            } else {
+                let old = old.to_vec();
                 refs.dec(tm, &old)?;
-            }
+                Inserted::Replaced
+            };
             leaf.value_mut(i).copy_from_slice(value);
-            false
+            what
         }
         Err(i) => {
             leaf.insert_at(i, key, value);
-            true
+            Inserted::New
         }
     };
     write_node(tm, loc, &leaf)?;
-    Ok((root, inserted))
+    Ok((root, what))
 }
 
 /// Insert a plain value (no reference semantics).

@@ -159,8 +159,15 @@ impl<'a> NodeRef<'a> {
         let keys = buf.get(NODE_HEADER_SIZE..NODE_HEADER_SIZE + 8 * nr);
         let values = buf.get(voff..voff + vs * nr);
         match (keys, values) {
-            (Some(keys), Some(values)) => Ok(NodeRef { keys, values, header }),
-            _ => err(ErrorKind::Corrupt, format!("node {}: entries beyond block", header.blocknr)),
+            (Some(keys), Some(values)) => Ok(NodeRef {
+                keys,
+                values,
+                header,
+            }),
+            _ => err(
+                ErrorKind::Corrupt,
+                format!("node {}: entries beyond block", header.blocknr),
+            ),
         }
     }
 
@@ -171,7 +178,11 @@ impl<'a> NodeRef<'a> {
 
     /// Key `i` (Err if out of range).
     pub fn key(&self, i: usize) -> Result<u64> {
-        match self.keys.get(8 * i..8 * i + 8).and_then(|k| <[u8; 8]>::try_from(k).ok()) {
+        match self
+            .keys
+            .get(8 * i..8 * i + 8)
+            .and_then(|k| <[u8; 8]>::try_from(k).ok())
+        {
             Some(k) => Ok(u64::from_le_bytes(k)),
             None => err(ErrorKind::Corrupt, format!("key index {i} out of range")),
         }
@@ -219,7 +230,12 @@ impl<'a> NodeRef<'a> {
             .collect();
         let vs = self.header.value_size as usize;
         let (leaf, values) = (self.header.is_leaf(), self.values.to_vec());
-        Ok(Node { leaf, value_size: vs, keys, values })
+        Ok(Node {
+            leaf,
+            value_size: vs,
+            keys,
+            values,
+        })
     }
 }
 

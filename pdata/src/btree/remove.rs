@@ -45,7 +45,12 @@ fn rebalance2(
 ) -> Result<()> {
     let (l, mut ln) = shadow_child(tm, parent, li, vs, refs)?;
     let (r, mut rn) = shadow_child(tm, parent, li + 1, vs, refs)?;
-    assert_eq!(ln.leaf, rn.leaf);
+    if ln.leaf != rn.leaf {
+        return err(
+            ErrorKind::Corrupt,
+            format!("siblings {l} and {r} at different levels"),
+        );
+    }
     let max = ln.max_entries();
     let total = ln.nr_entries() + rn.nr_entries();
     if total < 2 * (max / 3 + 1) {
@@ -72,6 +77,12 @@ fn rebalance3(
     let (l, mut ln) = shadow_child(tm, parent, li, vs, refs)?;
     let (c, mut cn) = shadow_child(tm, parent, li + 1, vs, refs)?;
     let (r, mut rn) = shadow_child(tm, parent, li + 2, vs, refs)?;
+    if ln.leaf != cn.leaf || cn.leaf != rn.leaf {
+        return err(
+            ErrorKind::Corrupt,
+            format!("siblings {l}, {c}, {r} at different levels"),
+        );
+    }
     let max = ln.max_entries();
     let total = ln.nr_entries() + cn.nr_entries() + rn.nr_entries();
     if total < 4 * (max / 3) + 1 {
@@ -158,7 +169,12 @@ fn descend_for_remove(
         assert_eq!(node.value_size, INTERNAL_VALUE_SIZE);
         if node.nr_entries() == 1 {
             // Only a root can have a single child: pull the child up (height shrinks).
-            assert_eq!(loc, root);
+            if loc != root {
+                return err(
+                    ErrorKind::Corrupt,
+                    format!("non-root node {loc} has one entry"),
+                );
+            }
             let (c, cnode) = shadow_child(tm, &mut node, 0, vs, refs)?;
             write_node(tm, loc, &cnode)?;
             tm.dec(c)?;
