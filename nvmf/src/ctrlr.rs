@@ -108,7 +108,11 @@ impl Ctrlr {
         if self.dead.swap(true, Ordering::AcqRel) {
             return;
         }
-        trace!("ctrlr {} ({}): torn down: {why}", self.cntlid, self.subsys.nqn);
+        trace!(
+            "ctrlr {} ({}): torn down: {why}",
+            self.cntlid,
+            self.subsys.nqn
+        );
         self.subsys
             .lock()
             .ctrlrs
@@ -203,7 +207,14 @@ impl Ctrlr {
 /// Formats 16 bytes as a UUID string.
 pub fn format_uuid(b: &[u8; 16]) -> String {
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 impl Qpair {
@@ -619,7 +630,13 @@ impl Qpair {
                 }
                 let mut page = vec![0u8; 4096];
                 let st = c.subsys.lock();
-                for (i, id) in st.namespaces.keys().filter(|&&n| n > nsid).take(1024).enumerate() {
+                for (i, id) in st
+                    .namespaces
+                    .keys()
+                    .filter(|&&n| n > nsid)
+                    .take(1024)
+                    .enumerate()
+                {
                     page[i * 4..i * 4 + 4].copy_from_slice(&id.to_le_bytes());
                 }
                 Outcome::data(page)
@@ -649,7 +666,15 @@ impl Qpair {
         p[0..2].copy_from_slice(&0x4e58u16.to_le_bytes());
         p[2..4].copy_from_slice(&0x4e58u16.to_le_bytes());
         spec::put_str(&mut p[4..24], if disc { "" } else { &st.serial }, b' ');
-        spec::put_str(&mut p[24..64], if disc { "thinbdev discovery" } else { &st.model }, b' ');
+        spec::put_str(
+            &mut p[24..64],
+            if disc {
+                "thinbdev discovery"
+            } else {
+                &st.model
+            },
+            b' ',
+        );
         spec::put_str(&mut p[64..72], env!("CARGO_PKG_VERSION"), b' ');
         p[72] = 6; // RAB
         p[76] = if disc { 0 } else { 0x02 }; // CMIC: multi-controller
@@ -671,7 +696,9 @@ impl Qpair {
         p[513] = 0x44;
         let maxcmd = self.opts.max_queue_depth.min(0xFFFF) as u16;
         p[514..516].copy_from_slice(&maxcmd.to_le_bytes());
-        let nn = st.max_namespaces.max(st.namespaces.keys().last().copied().unwrap_or(0));
+        let nn = st
+            .max_namespaces
+            .max(st.namespaces.keys().last().copied().unwrap_or(0));
         if !disc {
             p[516..520].copy_from_slice(&nn.to_le_bytes());
             p[520..522].copy_from_slice(&0x000Cu16.to_le_bytes()); // ONCS: DSM, WZ
@@ -679,7 +706,11 @@ impl Qpair {
             p[540..544].copy_from_slice(&nn.to_le_bytes()); // MNAN
         }
         p[536..540].copy_from_slice(&0x0010_0001u32.to_le_bytes()); // SGLS
-        let nqn = if disc { spec::DISCOVERY_NQN } else { &c.subsys.nqn };
+        let nqn = if disc {
+            spec::DISCOVERY_NQN
+        } else {
+            &c.subsys.nqn
+        };
         spec::put_str(&mut p[768..1024], nqn, 0);
         let ioccsz = (64 + self.opts.in_capsule_data_size) / 16;
         p[1792..1796].copy_from_slice(&ioccsz.to_le_bytes());
@@ -700,7 +731,7 @@ impl Qpair {
         if len != u64::from(r.xfer_len) {
             return Outcome::status(sc::SGL_LEN_INVALID | DNR);
         }
-        if lpo % 4 != 0 {
+        if lpo & 3 != 0 {
             return Outcome::status(sc::INVALID_FIELD | DNR);
         }
         let disc = c.subsys.is_discovery;

@@ -14,10 +14,7 @@ impl Qpair {
     /// Executes an I/O command.
     pub(crate) fn exec_io(&mut self, slot: usize) -> Outcome {
         let sqe = self.reqs[slot].sqe;
-        let enabled = self
-            .ctrlr
-            .as_ref()
-            .is_some_and(|c| c.lock().csts & 1 == 1);
+        let enabled = self.ctrlr.as_ref().is_some_and(|c| c.lock().csts & 1 == 1);
         if !enabled {
             return Outcome::status(sc::CMD_SEQ_ERROR | DNR);
         }
@@ -47,7 +44,8 @@ impl Qpair {
                 if sqe.opc() == nvm::READ {
                     ch.read(IoBuf::alloc((nlb * bs) as usize), slba, nlb, tag, &cb)
                 } else {
-                    r.fua = sqe.cdw(12) & (1 << 30) != 0 && ns.desc.bdev().io_type_supported(IoType::Flush);
+                    r.fua = sqe.cdw(12) & (1 << 30) != 0
+                        && ns.desc.bdev().io_type_supported(IoType::Flush);
                     let Some(buf) = r.data.take() else {
                         return Outcome::status(sc::INTERNAL);
                     };

@@ -10,7 +10,11 @@ use crate::subsystem::target;
 /// on (reported instead of a wildcard listener address).
 pub fn log_page(hostnqn: &str, local: SocketAddr) -> Vec<u8> {
     let t = target();
-    let aq_depth = t.transport.as_ref().map_or(32, |o| o.max_aq_depth).min(0xFFFF) as u16;
+    let aq_depth = t
+        .transport
+        .as_ref()
+        .map_or(32, |o| o.max_aq_depth)
+        .min(0xFFFF) as u16;
     let mut entries: Vec<[u8; 1024]> = Vec::new();
     for s in t.subsystems.values() {
         if !s.host_allowed(hostnqn) {
@@ -20,7 +24,11 @@ pub fn log_page(hostnqn: &str, local: SocketAddr) -> Vec<u8> {
         for a in &st.listeners {
             let mut e = [0u8; 1024];
             e[0] = 3; // TCP
-            e[1] = if a.adrfam.eq_ignore_ascii_case("ipv6") { 2 } else { 1 };
+            e[1] = if a.adrfam.eq_ignore_ascii_case("ipv6") {
+                2
+            } else {
+                1
+            };
             e[2] = 2; // NVMe subsystem
             e[3] = 0x02 | 0x04; // secure channel not required; SQ flow control disable OK
             let portid = t

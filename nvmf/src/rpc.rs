@@ -37,8 +37,7 @@ impl From<NvmfError> for NvmfRpcError {
 }
 
 /// A handler: params in, answer through the callback (exactly once).
-pub type NvmfRpcHandler =
-    fn(Value, Box<dyn FnOnce(Result<Value, NvmfRpcError>) + Send>);
+pub type NvmfRpcHandler = fn(Value, Box<dyn FnOnce(Result<Value, NvmfRpcError>) + Send>);
 
 type Sync = fn(Value) -> Result<Value, NvmfError>;
 
@@ -76,7 +75,8 @@ handlers! {
 
 fn parse<T: for<'de> Deserialize<'de>>(p: Value) -> Result<T, NvmfError> {
     let p = if p.is_null() { json!({}) } else { p };
-    serde_json::from_value(p).map_err(|e| NvmfError::invalid_params(format!("Invalid parameters: {e}")))
+    serde_json::from_value(p)
+        .map_err(|e| NvmfError::invalid_params(format!("Invalid parameters: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -151,12 +151,13 @@ fn create_transport(p: Value) -> Result<Value, NvmfError> {
             "max_queue_depth, max_aq_depth and max_qpairs_per_ctrlr must be 2..1024",
         ));
     }
-    if opts.in_capsule_data_size % 16 != 0 || opts.in_capsule_data_size > 131072 {
+    if opts.in_capsule_data_size & 15 != 0 || opts.in_capsule_data_size > 131072 {
         return Err(NvmfError::invalid(
             "in_capsule_data_size must be a multiple of 16 and at most 131072",
         ));
     }
-    if !(4096..=4 * 1024 * 1024).contains(&opts.max_io_size) || !opts.max_io_size.is_power_of_two() {
+    if !(4096..=4 * 1024 * 1024).contains(&opts.max_io_size) || !opts.max_io_size.is_power_of_two()
+    {
         return Err(NvmfError::invalid(
             "max_io_size must be a power of two from 4096 to 4 MiB",
         ));
@@ -198,7 +199,11 @@ fn get_transports(p: Value) -> Result<Value, NvmfError> {
     let list: Vec<Value> = t
         .transport
         .iter()
-        .filter(|_| p.trtype.as_ref().is_none_or(|x| x.eq_ignore_ascii_case("tcp")))
+        .filter(|_| {
+            p.trtype
+                .as_ref()
+                .is_none_or(|x| x.eq_ignore_ascii_case("tcp"))
+        })
         .map(transport_json)
         .collect();
     if let (Some(tr), true) = (&p.trtype, list.is_empty()) {
@@ -229,13 +234,21 @@ struct CreateSubsystem {
 
 fn create_subsystem(p: Value) -> Result<Value, NvmfError> {
     let p: CreateSubsystem = parse(p)?;
-    let serial = p.serial_number.unwrap_or_else(|| "00000000000000000000".into());
+    let serial = p
+        .serial_number
+        .unwrap_or_else(|| "00000000000000000000".into());
     if serial.len() > 20 || !serial.is_ascii() {
-        return Err(NvmfError::invalid(format!("serial_number '{serial}' longer than 20 ASCII chars")));
+        return Err(NvmfError::invalid(format!(
+            "serial_number '{serial}' longer than 20 ASCII chars"
+        )));
     }
-    let model = p.model_number.unwrap_or_else(|| "thinbdev Controller".into());
+    let model = p
+        .model_number
+        .unwrap_or_else(|| "thinbdev Controller".into());
     if model.len() > 40 || !model.is_ascii() {
-        return Err(NvmfError::invalid(format!("model_number '{model}' longer than 40 ASCII chars")));
+        return Err(NvmfError::invalid(format!(
+            "model_number '{model}' longer than 40 ASCII chars"
+        )));
     }
     let max_namespaces = match p.max_namespaces {
         None | Some(0) => 32,
@@ -284,7 +297,10 @@ fn get_subsystems(p: Value) -> Result<Value, NvmfError> {
     let p: GetSubsystems = parse(p)?;
     let (disc, subs) = {
         let t = target();
-        (t.discovery.clone(), t.subsystems.values().cloned().collect::<Vec<_>>())
+        (
+            t.discovery.clone(),
+            t.subsystems.values().cloned().collect::<Vec<_>>(),
+        )
     };
     let mut out = Vec::new();
     for s in std::iter::once(disc).chain(subs) {
@@ -352,11 +368,16 @@ struct Listener {
 
 fn listen_addr(a: ListenAddress) -> Result<ListenAddr, NvmfError> {
     if !a.trtype.eq_ignore_ascii_case("tcp") {
-        return Err(NvmfError::invalid(format!("trtype '{}' not supported (only TCP)", a.trtype)));
+        return Err(NvmfError::invalid(format!(
+            "trtype '{}' not supported (only TCP)",
+            a.trtype
+        )));
     }
     let adrfam = a.adrfam.unwrap_or_else(|| "IPv4".into());
     if !adrfam.eq_ignore_ascii_case("ipv4") && !adrfam.eq_ignore_ascii_case("ipv6") {
-        return Err(NvmfError::invalid(format!("adrfam '{adrfam}' not supported")));
+        return Err(NvmfError::invalid(format!(
+            "adrfam '{adrfam}' not supported"
+        )));
     }
     let trsvcid = a.trsvcid.unwrap_or_else(|| "4420".into());
     if trsvcid.parse::<u16>().is_err() {
@@ -366,7 +387,11 @@ fn listen_addr(a: ListenAddress) -> Result<ListenAddr, NvmfError> {
         return Err(NvmfError::invalid(format!("invalid traddr '{}'", a.traddr)));
     }
     Ok(ListenAddr {
-        adrfam: if adrfam.eq_ignore_ascii_case("ipv6") { "IPv6".into() } else { "IPv4".into() },
+        adrfam: if adrfam.eq_ignore_ascii_case("ipv6") {
+            "IPv6".into()
+        } else {
+            "IPv4".into()
+        },
         traddr: a.traddr,
         trsvcid,
     })
@@ -378,7 +403,11 @@ fn add_listener(p: Value) -> Result<Value, NvmfError> {
         return Err(NvmfError::invalid("secure_channel (TLS) is not supported"));
     }
     let addr = listen_addr(p.listen_address)?;
-    let nqn = if p.nqn == "discovery" { DISCOVERY_NQN.to_owned() } else { p.nqn };
+    let nqn = if p.nqn == "discovery" {
+        DISCOVERY_NQN.to_owned()
+    } else {
+        p.nqn
+    };
     let s = subsystem::find_subsystem(&nqn)
         .ok_or_else(|| NvmfError::not_found(format!("subsystem {nqn} not found")))?;
     let mut t = target();
@@ -397,7 +426,11 @@ fn add_listener(p: Value) -> Result<Value, NvmfError> {
 fn remove_listener(p: Value) -> Result<Value, NvmfError> {
     let p: Listener = parse(p)?;
     let addr = listen_addr(p.listen_address)?;
-    let nqn = if p.nqn == "discovery" { DISCOVERY_NQN.to_owned() } else { p.nqn };
+    let nqn = if p.nqn == "discovery" {
+        DISCOVERY_NQN.to_owned()
+    } else {
+        p.nqn
+    };
     let s = subsystem::find_subsystem(&nqn)
         .ok_or_else(|| NvmfError::not_found(format!("subsystem {nqn} not found")))?;
     let mut t = target();
@@ -456,7 +489,13 @@ fn add_ns(p: Value) -> Result<Value, NvmfError> {
     let p: AddNs = parse(p)?;
     let uuid = p.namespace.uuid.as_deref().map(parse_hex16).transpose()?;
     let nguid = p.namespace.nguid.as_deref().map(parse_hex16).transpose()?;
-    let nsid = subsystem::add_ns(&p.nqn, &p.namespace.bdev_name, p.namespace.nsid, uuid, nguid)?;
+    let nsid = subsystem::add_ns(
+        &p.nqn,
+        &p.namespace.bdev_name,
+        p.namespace.nsid,
+        uuid,
+        nguid,
+    )?;
     Ok(json!(nsid))
 }
 
@@ -497,13 +536,18 @@ fn nvm_subsystem(nqn: &str) -> Result<std::sync::Arc<subsystem::Subsystem>, Nvmf
 fn add_host(p: Value) -> Result<Value, NvmfError> {
     let p: Host = parse(p)?;
     if p.psk.is_some() || p.dhchap_key.is_some() || p.dhchap_ctrlr_key.is_some() {
-        return Err(NvmfError::invalid("TLS PSK and DH-HMAC-CHAP are not supported"));
+        return Err(NvmfError::invalid(
+            "TLS PSK and DH-HMAC-CHAP are not supported",
+        ));
     }
     let s = nvm_subsystem(&p.nqn)?;
     {
         let mut st = s.lock();
         if st.hosts.contains(&p.host) {
-            return Err(NvmfError::exists(format!("host {} already allowed on {}", p.host, p.nqn)));
+            return Err(NvmfError::exists(format!(
+                "host {} already allowed on {}",
+                p.host, p.nqn
+            )));
         }
         st.hosts.push(p.host);
     }
@@ -517,7 +561,10 @@ fn remove_host(p: Value) -> Result<Value, NvmfError> {
     let allow_any = {
         let mut st = s.lock();
         let Some(i) = st.hosts.iter().position(|h| *h == p.host) else {
-            return Err(NvmfError::not_found(format!("host {} not found on {}", p.host, p.nqn)));
+            return Err(NvmfError::not_found(format!(
+                "host {} not found on {}",
+                p.host, p.nqn
+            )));
         };
         st.hosts.remove(i);
         st.allow_any_host
@@ -571,7 +618,12 @@ fn get_qpairs(p: Value) -> Result<Value, NvmfError> {
     let mut out = Vec::new();
     for c in ctrlrs {
         let st = c.lock();
-        for (qid, q) in st.admin.iter().map(|a| (0u16, a)).chain(st.io_qpairs.iter().map(|(k, v)| (*k, v))) {
+        for (qid, q) in st
+            .admin
+            .iter()
+            .map(|a| (0u16, a))
+            .chain(st.io_qpairs.iter().map(|(k, v)| (*k, v)))
+        {
             out.push(json!({
                 "cntlid": c.cntlid,
                 "qid": qid,
@@ -601,13 +653,19 @@ pub fn config_json() -> Vec<Value> {
             "allow_any_host": st.allow_any_host, "max_namespaces": st.max_namespaces,
         }}));
         for h in &st.hosts {
-            out.push(json!({"method": "nvmf_subsystem_add_host", "params": {"nqn": s.nqn, "host": h}}));
+            out.push(
+                json!({"method": "nvmf_subsystem_add_host", "params": {"nqn": s.nqn, "host": h}}),
+            );
         }
         for ns in st.namespaces.values() {
             let mut nsp = json!({"bdev_name": ns.bdev_name, "nsid": ns.nsid});
             if ns.explicit_ids {
                 nsp["uuid"] = json!(format_uuid(&ns.uuid));
-                nsp["nguid"] = json!(ns.nguid.iter().map(|b| format!("{b:02X}")).collect::<String>());
+                nsp["nguid"] = json!(ns
+                    .nguid
+                    .iter()
+                    .map(|b| format!("{b:02X}"))
+                    .collect::<String>());
             }
             out.push(json!({"method": "nvmf_subsystem_add_ns", "params": {"nqn": s.nqn, "namespace": nsp}}));
         }

@@ -128,7 +128,13 @@ pub struct Sqe(pub [u8; 64]);
 
 impl std::fmt::Debug for Sqe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Sqe(opc={:#x} cid={} nsid={})", self.opc(), self.cid(), self.nsid())
+        write!(
+            f,
+            "Sqe(opc={:#x} cid={} nsid={})",
+            self.opc(),
+            self.cid(),
+            self.nsid()
+        )
     }
 }
 

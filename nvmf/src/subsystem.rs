@@ -338,7 +338,9 @@ pub fn remove_ns(nqn: &str, nsid: u32) -> Result<(), NvmfError> {
         .ok_or_else(|| NvmfError::not_found(format!("subsystem {nqn} not found")))?;
     let removed = s.lock().namespaces.remove(&nsid);
     if removed.is_none() {
-        return Err(NvmfError::not_found(format!("nsid {nsid} not found in {nqn}")));
+        return Err(NvmfError::not_found(format!(
+            "nsid {nsid} not found in {nqn}"
+        )));
     }
     s.notify_ns_changed(nsid);
     Ok(())

@@ -13,24 +13,43 @@ use proptest::prelude::*;
 
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:fuzz-host";
 const NQN: &str = "nqn.2016-06.io.test:fuzz";
+/// The bystander subsystem: abused connections never touch its bdev.
+const GOOD_NQN: &str = "nqn.2016-06.io.test:fuzz-good";
 
 fn setup() -> u16 {
     static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
-    *PORT.get_or_init(|| export(NQN, "MallocFuzz", 256, true))
+    *PORT.get_or_init(|| {
+        let port = export(NQN, "MallocFuzz", 256, true);
+        export(GOOD_NQN, "MallocFuzzGood", 256, true);
+        // Both subsystems on one port: abuse and healthy traffic share the listener.
+        rpc(
+            "nvmf_subsystem_add_listener",
+            serde_json::json!({"nqn": GOOD_NQN, "listen_address": {"trtype": "tcp",
+                "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+        )
+        .expect("listener");
+        port
+    })
 }
 
 /// An I/O queue (admin controller kept alive by the returned admin host).
 fn io_queue(port: u16, dg: bool) -> (Host, Host) {
-    let (a, cntlid) = Host::admin_init(port, NQN, HOST, 0, dg);
+    io_queue_on(port, NQN, dg)
+}
+
+fn io_queue_on(port: u16, nqn: &str, dg: bool) -> (Host, Host) {
+    let (a, cntlid) = Host::admin_init(port, nqn, HOST, 0, dg);
     let mut q = Host::connect(port, dg, dg);
-    assert_eq!(q.fabrics_connect(1, 63, 0, cntlid, NQN, HOST, 0).status, 0);
+    assert_eq!(q.fabrics_connect(1, 63, 0, cntlid, nqn, HOST, 0).status, 0);
     (a, q)
 }
 
+/// Write + read back on the bystander subsystem, at blocks only `seed` uses.
 fn healthy_io(q: &mut Host, seed: u8) {
     let data: Vec<u8> = (0..8192).map(|i| (i as u8) ^ seed).collect();
-    assert_eq!(q.cmd(rw(0x01, 1, 10, 2), &data, false, 0).0.status, 0);
-    let (c, d) = q.cmd(rw(0x02, 1, 10, 2), &[], false, 8192);
+    let lba = u64::from(seed) * 2;
+    assert_eq!(q.cmd(rw(0x01, 1, lba, 2), &data, false, 0).0.status, 0);
+    let (c, d) = q.cmd(rw(0x02, 1, lba, 2), &[], false, 8192);
     assert_eq!(c.status, 0);
     assert!(d == data);
 }
@@ -46,13 +65,17 @@ fn drain(h: &mut Host) -> Option<u16> {
         }
         let plen = u32::from_le_bytes(chb[4..8].try_into().unwrap()) as usize;
         assert!((8..=1 << 20).contains(&plen), "sane plen");
-        assert!([1, 3, 5, 7, 9].contains(&chb[0]), "controller PDU type {}", chb[0]);
+        assert!(
+            [1, 3, 5, 7, 9].contains(&chb[0]),
+            "controller PDU type {}",
+            chb[0]
+        );
         let mut rest = vec![0u8; plen - 8];
         if h.s.read_exact(&mut rest).is_err() {
             return fes;
         }
         if chb[0] == 3 {
-            assert!(plen >= 24 && plen <= 152, "TermReq plen {plen}");
+            assert!((24..=152).contains(&plen), "TermReq plen {plen}");
             fes = Some(u16::from_le_bytes([rest[0], rest[1]]));
         }
     }
@@ -66,7 +89,7 @@ fn expect_term(h: &mut Host, want: u16) {
 #[test]
 fn protocol_violations_terminate_only_their_connection() {
     let port = setup();
-    let (_a, mut good) = io_queue(port, true);
+    let (_a, mut good) = io_queue_on(port, GOOD_NQN, true);
     healthy_io(&mut good, 1);
 
     // Capsule before ICReq: sequence error.
@@ -82,7 +105,14 @@ fn protocol_violations_terminate_only_their_connection() {
     ic[2] = 128;
     ic[4] = 100;
     std::io::Write::write_all(&mut s, &ic).unwrap();
-    let mut h2 = Host { s, hdgst: false, ddgst: false, maxh2c: 0, next_cid: 1, h2c_chunk: usize::MAX };
+    let mut h2 = Host {
+        s,
+        hdgst: false,
+        ddgst: false,
+        maxh2c: 0,
+        next_cid: 1,
+        h2c_chunk: usize::MAX,
+    };
     expect_term(&mut h2, 1);
 
     // Wrong CapsuleCmd header length.
@@ -126,7 +156,7 @@ fn protocol_violations_terminate_only_their_connection() {
 #[test]
 fn h2c_data_out_of_order_or_unsolicited_is_fatal() {
     let port = setup();
-    let (_a, mut good) = io_queue(port, false);
+    let (_a, mut good) = io_queue_on(port, GOOD_NQN, false);
     for case in 0..4 {
         let (_a2, mut q) = io_queue(port, false);
         let mut s = rw(0x01, 1, 0, 4);
@@ -157,7 +187,7 @@ fn h2c_data_out_of_order_or_unsolicited_is_fatal() {
 #[test]
 fn per_command_faults_get_error_status() {
     let port = setup();
-    let (_a, mut q) = io_queue(port, true);
+    let (_a, mut q) = io_queue_on(port, GOOD_NQN, true);
     // Bad data digest on an in-capsule write: Data Transfer Error, queue stays up.
     let mut s = rw(0x01, 1, 0, 1);
     s[2..4].copy_from_slice(&5u16.to_le_bytes());
@@ -177,7 +207,10 @@ fn per_command_faults_get_error_status() {
     let c = q.capsule(&s, &[]);
     q.send(&c);
     let r = q.recv_raw().unwrap();
-    assert_eq!(nvmf::spec::Cqe::decode(r.header[8..24].try_into().unwrap()).status, 0x11 | DNR);
+    assert_eq!(
+        nvmf::spec::Cqe::decode(r.header[8..24].try_into().unwrap()).status,
+        0x11 | DNR
+    );
     // In-capsule SGL longer than the data sent.
     let mut s = rw(0x01, 1, 0, 1);
     s[2..4].copy_from_slice(&7u16.to_le_bytes());
@@ -185,7 +218,10 @@ fn per_command_faults_get_error_status() {
     let c = q.capsule(&s, &[0u8; 512]);
     q.send(&c);
     let r = q.recv_raw().unwrap();
-    assert_eq!(nvmf::spec::Cqe::decode(r.header[8..24].try_into().unwrap()).status, 0x16 | DNR);
+    assert_eq!(
+        nvmf::spec::Cqe::decode(r.header[8..24].try_into().unwrap()).status,
+        0x16 | DNR
+    );
     // Transfer longer than the maximum I/O size.
     let mut s = rw(0x02, 1, 0, 64);
     s[2..4].copy_from_slice(&8u16.to_le_bytes());
@@ -193,7 +229,10 @@ fn per_command_faults_get_error_status() {
     let c = q.capsule(&s, &[]);
     q.send(&c);
     let r = q.recv_raw().unwrap();
-    assert_eq!(nvmf::spec::Cqe::decode(r.header[8..24].try_into().unwrap()).status, 0x0F | DNR);
+    assert_eq!(
+        nvmf::spec::Cqe::decode(r.header[8..24].try_into().unwrap()).status,
+        0x0F | DNR
+    );
     healthy_io(&mut q, 4);
 }
 
@@ -230,9 +269,7 @@ proptest! {
         q.send(&stream);
         q.s.shutdown(Shutdown::Write).ok();
         let _ = drain(&mut q);
-        let mut good = Host::connect(port, false, false);
-        let (_a2, cnt2) = Host::admin_init(port, NQN, HOST, 0, false);
-        prop_assert_eq!(good.fabrics_connect(1, 63, 0, cnt2, NQN, HOST, 0).status, 0);
+        let (_a2, mut good) = io_queue_on(port, GOOD_NQN, false);
         healthy_io(&mut good, 5);
     }
 }

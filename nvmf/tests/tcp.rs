@@ -12,7 +12,9 @@ use serde_json::json;
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:test-host";
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn iostat(name: &str) -> bdev::IoStatSnapshot {
@@ -26,18 +28,30 @@ fn io_roundtrip(digests: bool) {
     let (mut a, cntlid) = Host::admin_init(port, &nqn, HOST, 10_000, digests);
     let (c, id) = a.identify(1, 0);
     assert_eq!(c.status, 0);
-    assert_eq!(u16::from_le_bytes([id[78], id[79]]), cntlid, "CNTLID matches Connect");
+    assert_eq!(
+        u16::from_le_bytes([id[78], id[79]]),
+        cntlid,
+        "CNTLID matches Connect"
+    );
     assert_eq!(&id[4..9], b"SN123");
     assert!(id[768..].starts_with(nqn.as_bytes()));
     assert_ne!(u16::from_le_bytes([id[320], id[321]]), 0, "KAS");
-    assert_eq!(u32::from_le_bytes(id[536..540].try_into().unwrap()) & 3, 1, "SGLS");
+    assert_eq!(
+        u32::from_le_bytes(id[536..540].try_into().unwrap()) & 3,
+        1,
+        "SGLS"
+    );
     let (c, list) = a.identify(2, 0);
     assert_eq!(c.status, 0);
     assert_eq!(u32::from_le_bytes(list[0..4].try_into().unwrap()), 1);
     assert_eq!(u32::from_le_bytes(list[4..8].try_into().unwrap()), 0);
     let (c, ns) = a.identify(0, 1);
     assert_eq!(c.status, 0);
-    assert_eq!(u64::from_le_bytes(ns[0..8].try_into().unwrap()), 1024, "NSZE");
+    assert_eq!(
+        u64::from_le_bytes(ns[0..8].try_into().unwrap()),
+        1024,
+        "NSZE"
+    );
     assert_eq!(ns[130], 12, "LBADS 4 KiB");
     let (c, desc) = a.identify(3, 1);
     assert_eq!(c.status, 0);
@@ -55,12 +69,21 @@ fn io_roundtrip(digests: bool) {
     assert_eq!((c.status, c.dw0), (0, 3 | (3 << 16)));
 
     let mut q1 = Host::connect(port, digests, digests);
-    assert_eq!(q1.fabrics_connect(1, 127, 0, cntlid, &nqn, HOST, 0).status, 0);
+    assert_eq!(
+        q1.fabrics_connect(1, 127, 0, cntlid, &nqn, HOST, 0).status,
+        0
+    );
     let mut q2 = Host::connect(port, digests, digests);
-    assert_eq!(q2.fabrics_connect(2, 31, 0, cntlid, &nqn, HOST, 0).status, 0);
+    assert_eq!(
+        q2.fabrics_connect(2, 31, 0, cntlid, &nqn, HOST, 0).status,
+        0
+    );
     // Same qid twice: refused.
     let mut dup = Host::connect(port, digests, digests);
-    assert_ne!(dup.fabrics_connect(2, 31, 0, cntlid, &nqn, HOST, 0).status, 0);
+    assert_ne!(
+        dup.fabrics_connect(2, 31, 0, cntlid, &nqn, HOST, 0).status,
+        0
+    );
 
     // In-capsule 4 KiB write, R2T 64 KiB write split into 16 KiB H2CData PDUs.
     let small = pattern(4096, 1);
@@ -94,14 +117,34 @@ fn io_roundtrip(digests: bool) {
     set_u32(&mut s, 40, 1);
     set_u32(&mut s, 44, 0x4);
     assert_eq!(q1.cmd(s, &ranges, false, 0).0.status, 0);
-    assert!(iostat(&bname).unmap.ops >= unmaps + 2, "unmap reached the bdev");
+    assert!(
+        iostat(&bname).unmap.ops >= unmaps + 2,
+        "unmap reached the bdev"
+    );
 
     // Errors: out of range, bad namespace, wrong SGL length, unknown opcode, bad PSDT.
-    assert_eq!(q1.cmd(rw(0x02, 1, 1020, 8), &[], false, 32768).0.status, 0x80 | DNR);
-    assert_eq!(q1.cmd(rw(0x02, 1, u64::MAX, 1), &[], false, 4096).0.status, 0x80 | DNR);
-    assert_eq!(q1.cmd(rw(0x01, 1, 1023, 2), &pattern(8192, 3), true, 0).0.status, 0x80 | DNR);
-    assert_eq!(q1.cmd(rw(0x02, 9, 0, 1), &[], false, 4096).0.status, 0x0B | DNR);
-    assert_eq!(q1.cmd(rw(0x02, 1, 0, 2), &[], false, 4096).0.status, 0x0F | DNR);
+    assert_eq!(
+        q1.cmd(rw(0x02, 1, 1020, 8), &[], false, 32768).0.status,
+        0x80 | DNR
+    );
+    assert_eq!(
+        q1.cmd(rw(0x02, 1, u64::MAX, 1), &[], false, 4096).0.status,
+        0x80 | DNR
+    );
+    assert_eq!(
+        q1.cmd(rw(0x01, 1, 1023, 2), &pattern(8192, 3), true, 0)
+            .0
+            .status,
+        0x80 | DNR
+    );
+    assert_eq!(
+        q1.cmd(rw(0x02, 9, 0, 1), &[], false, 4096).0.status,
+        0x0B | DNR
+    );
+    assert_eq!(
+        q1.cmd(rw(0x02, 1, 0, 2), &[], false, 4096).0.status,
+        0x0F | DNR
+    );
     assert_eq!(q1.cmd(sqe(0x55, 1), &[], false, 0).0.status, 0x01 | DNR);
     let mut s = rw(0x02, 1, 0, 1);
     s[1] = 0x00;
@@ -125,7 +168,10 @@ fn io_roundtrip(digests: bool) {
 fn wait_for(mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(10), "condition not reached in 10 s");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "condition not reached in 10 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -152,7 +198,14 @@ fn keep_alive_expiry_tears_down_controller() {
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(a.cmd(sqe(0x18, 0), &[], false, 0).0.status, 0);
     }
-    assert_eq!(rpc("nvmf_subsystem_get_controllers", json!({"nqn": nqn})).unwrap().as_array().unwrap().len(), 1);
+    assert_eq!(
+        rpc("nvmf_subsystem_get_controllers", json!({"nqn": nqn}))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     // ...silence tears it down: both sockets closed, controller unlisted.
     let t = Instant::now();
     assert!(a.recv_raw().is_none(), "admin socket closed");
@@ -168,18 +221,41 @@ fn host_not_allowed_is_refused() {
     let port = export(nqn, "MallocAcl", 64, false);
     rpc("nvmf_subsystem_add_host", json!({"nqn": nqn, "host": HOST})).unwrap();
     let mut h = Host::connect(port, false, false);
-    let c = h.fabrics_connect(0, 31, 0, 0xFFFF, nqn, "nqn.2014-08.org.nvmexpress:uuid:intruder", 0);
+    let c = h.fabrics_connect(
+        0,
+        31,
+        0,
+        0xFFFF,
+        nqn,
+        "nqn.2014-08.org.nvmexpress:uuid:intruder",
+        0,
+    );
     assert_eq!(c.status, 0x184 | DNR, "Connect Invalid Host");
     let (mut a, _) = Host::admin_init(port, nqn, HOST, 0, false);
     assert_eq!(a.identify(1, 0).0.status, 0);
     // Removing the host disconnects its controller.
-    rpc("nvmf_subsystem_remove_host", json!({"nqn": nqn, "host": HOST})).unwrap();
+    rpc(
+        "nvmf_subsystem_remove_host",
+        json!({"nqn": nqn, "host": HOST}),
+    )
+    .unwrap();
     assert!(a.recv_raw().is_none(), "disconnected");
     let mut h = Host::connect(port, false, false);
-    assert_eq!(h.fabrics_connect(0, 31, 0, 0xFFFF, nqn, HOST, 0).status, 0x184 | DNR);
-    rpc("nvmf_subsystem_allow_any_host", json!({"nqn": nqn, "allow_any_host": true})).unwrap();
+    assert_eq!(
+        h.fabrics_connect(0, 31, 0, 0xFFFF, nqn, HOST, 0).status,
+        0x184 | DNR
+    );
+    rpc(
+        "nvmf_subsystem_allow_any_host",
+        json!({"nqn": nqn, "allow_any_host": true}),
+    )
+    .unwrap();
     let mut h = Host::connect(port, false, false);
-    assert_eq!(h.fabrics_connect(0, 31, 0, 0xFFFF, nqn, "nqn.x:other", 0).status, 0);
+    assert_eq!(
+        h.fabrics_connect(0, 31, 0, 0xFFFF, nqn, "nqn.x:other", 0)
+            .status,
+        0
+    );
     rpc("nvmf_delete_subsystem", json!({"nqn": nqn})).unwrap();
 }
 
@@ -205,7 +281,9 @@ fn discovery_log_lists_subsystem_and_listener() {
     let (c, entries) = a.cmd(s, &[], false, len);
     assert_eq!(c.status, 0);
     let found = entries.chunks(1024).any(|e| {
-        e[0] == 3 && e[2] == 2 && e[256..].starts_with(nqn.as_bytes())
+        e[0] == 3
+            && e[2] == 2
+            && e[256..].starts_with(nqn.as_bytes())
             && e[32..].starts_with(port.to_string().as_bytes())
             && e[512..].starts_with(b"127.0.0.1")
     });
@@ -234,10 +312,18 @@ fn namespace_add_and_remove_raise_async_events() {
     let p = a.capsule(&aer, &[]);
     a.send(&p);
     bdev::malloc::create(bdev::malloc::MallocOpts {
-        name: Some("MallocAen2".into()), num_blocks: 32, block_size: 4096, uuid: None,
+        name: Some("MallocAen2".into()),
+        num_blocks: 32,
+        block_size: 4096,
+        uuid: None,
         optimal_io_boundary: 0,
-    }).unwrap();
-    let nsid = rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": "MallocAen2"}})).unwrap();
+    })
+    .unwrap();
+    let nsid = rpc(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": nqn, "namespace": {"bdev_name": "MallocAen2"}}),
+    )
+    .unwrap();
     assert_eq!(nsid, 2);
     let r = a.recv_raw().expect("AEN");
     let cqe = nvmf::spec::Cqe::decode(r.header[8..24].try_into().unwrap());
@@ -254,7 +340,10 @@ fn namespace_add_and_remove_raise_async_events() {
     a.send(&p);
     rpc("nvmf_subsystem_remove_ns", json!({"nqn": nqn, "nsid": 2})).unwrap();
     let r = a.recv_raw().expect("AEN");
-    assert_eq!(nvmf::spec::Cqe::decode(r.header[8..24].try_into().unwrap()).dw0, 0x0004_0002);
+    assert_eq!(
+        nvmf::spec::Cqe::decode(r.header[8..24].try_into().unwrap()).dw0,
+        0x0004_0002
+    );
     let (_, list) = a.identify(2, 0);
     assert_eq!(u32::from_le_bytes(list[4..8].try_into().unwrap()), 0);
     rpc("nvmf_delete_subsystem", json!({"nqn": nqn})).unwrap();
@@ -266,7 +355,10 @@ fn sq_flow_control_disabled_uses_c2h_success() {
     let port = export(nqn, "MallocSuccess", 64, true);
     let (_a, cntlid) = Host::admin_init(port, nqn, HOST, 0, false);
     let mut q = Host::connect(port, false, false);
-    assert_eq!(q.fabrics_connect(1, 31, 0, cntlid, nqn, HOST, 0x4).status, 0);
+    assert_eq!(
+        q.fabrics_connect(1, 31, 0, cntlid, nqn, HOST, 0x4).status,
+        0
+    );
     let data = pattern(8192, 9);
     assert_eq!(q.cmd(rw(0x01, 1, 0, 2), &data, true, 0).0.status, 0);
     let mut s = rw(0x02, 1, 0, 2);
@@ -289,30 +381,60 @@ fn rpc_params_and_config() {
     runtime();
     let e = rpc("nvmf_create_subsystem", json!({"nqn": "bad"})).unwrap_err();
     assert_eq!(e.code, -libc::EINVAL);
-    let e = rpc("nvmf_create_subsystem", json!({"nqn": "nqn.x:y", "bogus": 1})).unwrap_err();
+    let e = rpc(
+        "nvmf_create_subsystem",
+        json!({"nqn": "nqn.x:y", "bogus": 1}),
+    )
+    .unwrap_err();
     assert_eq!(e.code, -32602);
     let e = rpc("nvmf_create_transport", json!({"trtype": "TCP"})).unwrap_err();
     assert_eq!(e.code, -libc::EEXIST);
-    let e = rpc("nvmf_subsystem_add_ns", json!({"nqn": "nqn.none", "namespace": {"bdev_name": "x"}})).unwrap_err();
+    let e = rpc(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": "nqn.none", "namespace": {"bdev_name": "x"}}),
+    )
+    .unwrap_err();
     assert_eq!(e.code, -libc::ENODEV);
     let nqn = "nqn.2016-06.io.test:cfg";
     let port = export(nqn, "MallocCfg", 16, false);
     rpc("nvmf_subsystem_add_host", json!({"nqn": nqn, "host": HOST})).unwrap();
-    let e = rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": "nope"}})).unwrap_err();
+    let e = rpc(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": nqn, "namespace": {"bdev_name": "nope"}}),
+    )
+    .unwrap_err();
     assert_eq!(e.code, -libc::ENODEV, "{}", e.message);
     let cfg = nvmf::config_json();
     assert_eq!(cfg[0]["method"], "nvmf_create_transport");
-    let mine: Vec<_> = cfg.iter().filter(|c| c["params"]["nqn"] == nqn).map(|c| c["method"].as_str().unwrap()).collect();
-    assert_eq!(mine, ["nvmf_create_subsystem", "nvmf_subsystem_add_host", "nvmf_subsystem_add_ns",
-        "nvmf_subsystem_add_listener"]);
-    let l = cfg.iter().find(|c| c["method"] == "nvmf_subsystem_add_listener" && c["params"]["nqn"] == nqn).unwrap();
+    let mine: Vec<_> = cfg
+        .iter()
+        .filter(|c| c["params"]["nqn"] == nqn)
+        .map(|c| c["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        mine,
+        [
+            "nvmf_create_subsystem",
+            "nvmf_subsystem_add_host",
+            "nvmf_subsystem_add_ns",
+            "nvmf_subsystem_add_listener"
+        ]
+    );
+    let l = cfg
+        .iter()
+        .find(|c| c["method"] == "nvmf_subsystem_add_listener" && c["params"]["nqn"] == nqn)
+        .unwrap();
     assert_eq!(l["params"]["listen_address"]["trsvcid"], port.to_string());
     let subs = rpc("nvmf_get_subsystems", json!({"nqn": nqn})).unwrap();
     assert_eq!(subs[0]["namespaces"][0]["bdev_name"], "MallocCfg");
     assert_eq!(subs[0]["hosts"][0]["nqn"], HOST);
     // Listener removal releases the port.
     let addr = json!({"trtype": "tcp", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()});
-    rpc("nvmf_subsystem_remove_listener", json!({"nqn": nqn, "listen_address": addr})).unwrap();
+    rpc(
+        "nvmf_subsystem_remove_listener",
+        json!({"nqn": nqn, "listen_address": addr}),
+    )
+    .unwrap();
     wait_for(|| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
     rpc("nvmf_delete_subsystem", json!({"nqn": nqn})).unwrap();
     assert!(rpc("nvmf_get_subsystems", json!({"nqn": nqn})).is_err());

@@ -2,11 +2,11 @@
 //! connections go round-robin to the reactors, where they become qpairs. Several
 //! subsystems may share one address (reference counted).
 
+use std::cell::Cell;
 use std::io::ErrorKind as IoKind;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 

@@ -20,7 +20,10 @@ static QPAIRS: LazyLock<Mutex<HashMap<u64, ReactorId>>> =
 pub(crate) fn next_qpair_id() -> u64 {
     let id = NEXT_QPAIR_ID.fetch_add(1, Ordering::Relaxed);
     if let Some(r) = reactor::try_current() {
-        QPAIRS.lock().unwrap_or_else(|e| e.into_inner()).insert(id, r);
+        QPAIRS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, r);
     }
     id
 }

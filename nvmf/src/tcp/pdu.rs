@@ -124,7 +124,9 @@ impl Ch {
 
     fn encode(&self) -> [u8; CH_LEN] {
         let p = self.plen.to_le_bytes();
-        [self.ty, self.flags, self.hlen, self.pdo, p[0], p[1], p[2], p[3]]
+        [
+            self.ty, self.flags, self.hlen, self.pdo, p[0], p[1], p[2], p[3],
+        ]
     }
 }
 
@@ -287,7 +289,11 @@ pub fn decode<'a>(pdu: &'a [u8], lim: &RecvLimits) -> Result<HostPdu<'a>, Fatal>
         off += DIGEST_LEN;
     }
     let (data, ddgst_ok) = if off < pdu.len() {
-        let end = if lim.ddgst { pdu.len() - DIGEST_LEN } else { pdu.len() };
+        let end = if lim.ddgst {
+            pdu.len() - DIGEST_LEN
+        } else {
+            pdu.len()
+        };
         let data = pdu.get(off..end).ok_or(Fatal::field(4))?;
         let ok = if lim.ddgst {
             let d = &pdu[end..];

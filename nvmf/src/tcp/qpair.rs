@@ -16,7 +16,6 @@ use std::os::fd::AsRawFd;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bdev::{BdevChannel, IoBuf, IoCallback, IoDone};
 use reactor::{PollStatus, PollerHandle};
@@ -245,11 +244,11 @@ impl Qpair {
         }
         busy |= self.flush_out();
         if self.state == QpairState::Closing {
-            if self.wpos >= self.wbuf.len() || busy_output_stuck(self) {
-                if self.nr_bdev_inflight == 0 {
-                    self.close_now();
-                    return PollStatus::Idle;
-                }
+            // Output that the socket did not take now (a host that stopped reading) is
+            // dropped; a TermReq is small enough to always fit the socket buffer.
+            if self.nr_bdev_inflight == 0 {
+                self.close_now();
+                return PollStatus::Idle;
             }
             return PollStatus::from_busy(busy);
         }
@@ -505,7 +504,8 @@ impl Qpair {
             let r = &mut self.reqs[slot];
             r.state = ReqState::AwaitH2c;
             r.data = Some(IoBuf::alloc(xfer_len as usize));
-            let ttag = u16::try_from(slot + 1).map_err(|_| Fatal::status(pdu::fes::LIMIT_EXCEEDED))?;
+            let ttag =
+                u16::try_from(slot + 1).map_err(|_| Fatal::status(pdu::fes::LIMIT_EXCEEDED))?;
             pdu::push_r2t(&mut self.wbuf, sqe.cid(), ttag, 0, xfer_len, self.lim.hdgst);
             return Ok(());
         }
@@ -759,16 +759,6 @@ impl Qpair {
         self.io_done(slot, done);
         let _ = self.flush_out();
     }
-
-    /// The raw fd (tests).
-    pub fn keep_alive_period() -> Duration {
-        Duration::from_millis(100)
-    }
-}
-
-/// When the peer stopped reading, give up on queued output once closing.
-fn busy_output_stuck(q: &Qpair) -> bool {
-    q.state == QpairState::Closing && q.wbuf.len() - q.wpos > 0 && q.sock.peer_addr().is_err()
 }
 
 /// PSDT must be 01b (SGL), FUSE 0.

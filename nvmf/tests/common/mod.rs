@@ -26,8 +26,12 @@ pub fn runtime() -> RuntimeHandle {
         let h = rt.handle();
         std::mem::forget(rt);
         nvmf::set_runtime(h.clone());
-        rpc("nvmf_create_transport", json!({"trtype": "TCP", "max_io_size": 131072,
-            "in_capsule_data_size": 8192})).expect("transport");
+        rpc(
+            "nvmf_create_transport",
+            json!({"trtype": "TCP", "max_io_size": 131072,
+            "in_capsule_data_size": 8192}),
+        )
+        .expect("transport");
         h
     })
     .clone()
@@ -41,7 +45,8 @@ pub fn rpc(method: &str, params: Value) -> Result<Value, nvmf::NvmfRpcError> {
         .unwrap_or_else(|| panic!("no method {method}"));
     let (tx, rx) = mpsc::channel();
     h(params, Box::new(move |r| tx.send(r).expect("send")));
-    rx.recv_timeout(Duration::from_secs(10)).expect("rpc answered")
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("rpc answered")
 }
 
 /// A free loopback port.
@@ -61,13 +66,23 @@ pub fn export(nqn: &str, bdev: &str, num_blocks: u64, allow_any: bool) -> u16 {
         optimal_io_boundary: 0,
     })
     .expect("malloc");
-    rpc("nvmf_create_subsystem", json!({"nqn": nqn, "serial_number": "SN123", "allow_any_host": allow_any}))
-        .expect("subsystem");
-    rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": bdev}})).expect("ns");
+    rpc(
+        "nvmf_create_subsystem",
+        json!({"nqn": nqn, "serial_number": "SN123", "allow_any_host": allow_any}),
+    )
+    .expect("subsystem");
+    rpc(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": nqn, "namespace": {"bdev_name": bdev}}),
+    )
+    .expect("ns");
     let port = free_port();
-    rpc("nvmf_subsystem_add_listener", json!({"nqn": nqn, "listen_address":
-        {"trtype": "tcp", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}))
-        .expect("listener");
+    rpc(
+        "nvmf_subsystem_add_listener",
+        json!({"nqn": nqn, "listen_address":
+        {"trtype": "tcp", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+    )
+    .expect("listener");
     port
 }
 
@@ -121,9 +136,17 @@ impl Host {
     /// TCP connect + ICReq/ICResp.
     pub fn connect(port: u16, hdgst: bool, ddgst: bool) -> Host {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("tcp connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         s.set_nodelay(true).expect("nodelay");
-        let mut h = Host { s, hdgst, ddgst, maxh2c: 0, next_cid: 1, h2c_chunk: usize::MAX };
+        let mut h = Host {
+            s,
+            hdgst,
+            ddgst,
+            maxh2c: 0,
+            next_cid: 1,
+            h2c_chunk: usize::MAX,
+        };
         let mut ic = [0u8; 128];
         ic[0] = 0;
         ic[2] = 128;
@@ -136,7 +159,7 @@ impl Host {
         assert_eq!(p.header[11], ic[11], "digests echoed");
         assert_eq!(p.header[10], 0, "CPDA 0");
         h.maxh2c = u32::from_le_bytes(p.header[12..16].try_into().unwrap());
-        assert!(h.maxh2c >= 4096 && h.maxh2c % 4 == 0);
+        assert!(h.maxh2c >= 4096 && h.maxh2c & 3 == 0);
         h
     }
 
@@ -243,11 +266,21 @@ impl Host {
 
     /// Runs one command: in-capsule data if `in_capsule`, else R2T/H2CData for `out`;
     /// collects C2H data. Returns the completion and the data read.
-    pub fn cmd(&mut self, mut sqe: [u8; 64], out: &[u8], in_capsule: bool, read_len: u32) -> (Cqe, Vec<u8>) {
+    pub fn cmd(
+        &mut self,
+        mut sqe: [u8; 64],
+        out: &[u8],
+        in_capsule: bool,
+        read_len: u32,
+    ) -> (Cqe, Vec<u8>) {
         let cid = self.next_cid;
         self.next_cid = self.next_cid.wrapping_add(1).max(1);
         sqe[2..4].copy_from_slice(&cid.to_le_bytes());
-        let len = if out.is_empty() { read_len } else { out.len() as u32 };
+        let len = if out.is_empty() {
+            read_len
+        } else {
+            out.len() as u32
+        };
         set_sgl(&mut sqe, len, in_capsule && !out.is_empty());
         let pdu = self.capsule(&sqe, if in_capsule { out } else { &[] });
         self.send(&pdu);
@@ -266,7 +299,13 @@ impl Host {
                     data.extend_from_slice(&p.data);
                     if p.ch.flags & pdu::FLAG_SUCCESS != 0 {
                         assert_ne!(p.ch.flags & pdu::FLAG_LAST_PDU, 0);
-                        return (Cqe { cid, ..Default::default() }, data);
+                        return (
+                            Cqe {
+                                cid,
+                                ..Default::default()
+                            },
+                            data,
+                        );
                     }
                 }
                 9 => {
@@ -279,7 +318,8 @@ impl Host {
                     let mut off = 0;
                     while off < r2tl {
                         let n = chunk.min(r2tl - off);
-                        let pdu = self.h2c(cid, ttag, off as u32, &out[off..off + n], off + n == r2tl);
+                        let pdu =
+                            self.h2c(cid, ttag, off as u32, &out[off..off + n], off + n == r2tl);
                         self.send(&pdu);
                         off += n;
                     }
@@ -290,8 +330,17 @@ impl Host {
     }
 
     /// Fabrics Connect.
-    pub fn fabrics_connect(&mut self, qid: u16, sqsize: u16, kato_ms: u32, cntlid: u16,
-        subnqn: &str, hostnqn: &str, cattr: u8) -> Cqe {
+    #[allow(clippy::too_many_arguments)]
+    pub fn fabrics_connect(
+        &mut self,
+        qid: u16,
+        sqsize: u16,
+        kato_ms: u32,
+        cntlid: u16,
+        subnqn: &str,
+        hostnqn: &str,
+        cattr: u8,
+    ) -> Cqe {
         let mut s = sqe(0x7F, 0);
         s[4] = 0x01;
         s[42..44].copy_from_slice(&qid.to_le_bytes());
@@ -327,7 +376,13 @@ impl Host {
     }
 
     /// Admin connect + CC.EN=1 + wait RDY; returns cntlid.
-    pub fn admin_init(port: u16, subnqn: &str, hostnqn: &str, kato_ms: u32, dg: bool) -> (Host, u16) {
+    pub fn admin_init(
+        port: u16,
+        subnqn: &str,
+        hostnqn: &str,
+        kato_ms: u32,
+        dg: bool,
+    ) -> (Host, u16) {
         let mut h = Host::connect(port, dg, dg);
         let c = h.fabrics_connect(0, 31, kato_ms, 0xFFFF, subnqn, hostnqn, 0);
         assert_eq!(c.status, 0, "admin connect status {:#x}", c.status);

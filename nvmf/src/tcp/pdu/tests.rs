@@ -67,7 +67,12 @@ fn encoders_have_consistent_headers() {
     assert_eq!(Ch::parse(&out).unwrap().plen, 28);
     assert_eq!(&out[24..28], &digest(&out[..24]).to_le_bytes());
     out.clear();
-    let f = C2hFlags { last: true, success: false, hdgst: true, ddgst: true };
+    let f = C2hFlags {
+        last: true,
+        success: false,
+        hdgst: true,
+        ddgst: true,
+    };
     push_c2h_data(&mut out, 5, 0, &[7; 100], f);
     let ch = Ch::parse(&out).unwrap();
     assert_eq!((ch.hlen, ch.pdo, ch.plen as usize), (24, 28, out.len()));
