@@ -927,6 +927,17 @@ impl Harness {
     /// unexpected error).
     pub fn apply(&mut self, op: &Op) -> std::result::Result<(), String> {
         *self.counts.entry(op.name()).or_insert(0) += 1;
+        match op {
+            Op::CreateThin(_) | Op::CreateSnap { .. } | Op::Delete(_) => self.apply_device_op(op),
+            Op::Provision { .. }
+            | Op::Share { .. }
+            | Op::Remove { .. }
+            | Op::RemoveRange { .. } => self.apply_mapping_op(op),
+            _ => self.apply_pool_op(op),
+        }
+    }
+
+    fn apply_device_op(&mut self, op: &Op) -> std::result::Result<(), String> {
         match *op {
             Op::CreateThin(dev) => {
                 let r = self.meta().create_thin(DevId(dev));
@@ -977,6 +988,13 @@ impl Harness {
                 ok("delete_thin", r)?;
                 self.current.devices.remove(&dev);
             }
+            _ => unreachable!("not a device op: {op:?}"),
+        }
+        Ok(())
+    }
+
+    fn apply_mapping_op(&mut self, op: &Op) -> std::result::Result<(), String> {
+        match *op {
             Op::Provision { dev, vblock } => {
                 if !self.has(dev) {
                     let r = self
@@ -1065,6 +1083,13 @@ impl Harness {
                     ));
                 }
             }
+            _ => unreachable!("not a mapping op: {op:?}"),
+        }
+        Ok(())
+    }
+
+    fn apply_pool_op(&mut self, op: &Op) -> std::result::Result<(), String> {
+        match *op {
             Op::SetTransactionId(new) => {
                 let old = self.current.transaction_id;
                 let r = self.meta().set_transaction_id(old.wrapping_add(1), new);
@@ -1128,6 +1153,7 @@ impl Harness {
                 ok("resize_data_dev", r)?;
                 self.current.nr_data_blocks = n;
             }
+            _ => unreachable!("not a pool op: {op:?}"),
         }
         Ok(())
     }

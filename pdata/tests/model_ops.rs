@@ -194,7 +194,7 @@ fn growth_across_bitmap_boundaries() {
         held_roots: false,
         ..Workload::default()
     };
-    let mut step = |h: &mut Harness, n: usize, rng: &mut Rng| {
+    let step = |h: &mut Harness, n: usize, rng: &mut Rng| {
         for i in 0..n {
             let op = h.random_op(&w, rng);
             let op = if let Op::ResizeData(_) = op {

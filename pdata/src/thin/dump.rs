@@ -252,33 +252,39 @@ fn walk_dump(io: &dyn BlockIo, root: DumpRoot, sink: &mut dyn DumpSink) -> Resul
         };
         sink.device(&dev)?;
         let root = roots.get(dev_id).copied().unwrap_or_default();
-        let mut cur: Option<MappingRun> = None;
-        for_each_entry(io, root, MAPPING_VALUE_SIZE, &mut |vblock, v| {
-            let bt = BlockTime::from_u64(le64_at(v, 0)?);
-            let single = MappingRun::single(vblock, bt.block, bt.time);
-            match cur.as_mut() {
-                Some(run)
-                    if run.time == bt.time
-                        && run.origin_begin.checked_add(run.length) == Some(vblock)
-                        && run.data_begin.checked_add(run.length) == Some(bt.block) =>
-                {
-                    run.length += 1;
-                }
-                Some(run) => {
-                    sink.run(run)?;
-                    cur = Some(single);
-                }
-                None => cur = Some(single),
-            }
-            Ok(())
-        })
-        .map_err(|e| e.with_context(format!("mapping tree of device {dev_id}")))?;
-        if let Some(run) = cur {
-            sink.run(&run)?;
-        }
+        dump_mappings(io, root, sink)
+            .map_err(|e| e.with_context(format!("mapping tree of device {dev_id}")))?;
         sink.end_device()?;
     }
     sink.end()
+}
+
+/// Streams one device's mappings to `sink` as maximal runs (thin_dump's rule).
+fn dump_mappings(io: &dyn BlockIo, root: u64, sink: &mut dyn DumpSink) -> Result<()> {
+    let mut cur: Option<MappingRun> = None;
+    for_each_entry(io, root, MAPPING_VALUE_SIZE, &mut |vblock, v| {
+        let bt = BlockTime::from_u64(le64_at(v, 0)?);
+        let single = MappingRun::single(vblock, bt.block, bt.time);
+        match cur.as_mut() {
+            Some(run)
+                if run.time == bt.time
+                    && run.origin_begin.checked_add(run.length) == Some(vblock)
+                    && run.data_begin.checked_add(run.length) == Some(bt.block) =>
+            {
+                run.length += 1;
+            }
+            Some(run) => {
+                sink.run(run)?;
+                cur = Some(single);
+            }
+            None => cur = Some(single),
+        }
+        Ok(())
+    })?;
+    match cur {
+        Some(run) => sink.run(&run),
+        None => Ok(()),
+    }
 }
 
 struct XmlSink<W: Write> {
