@@ -489,10 +489,17 @@ impl State {
         self.submit(tag, op);
     }
 
+    /// Reports the outcome once nothing is in flight and the job is draining (or every slot
+    /// went idle). Called after every completion, so the common case is one inlined compare.
+    #[inline]
     fn maybe_finish(&mut self) {
-        if self.nr_inflight > 0 || !self.retry.is_empty() {
-            return;
+        if self.nr_inflight == 0 && self.retry.is_empty() {
+            self.finish_if_idle();
         }
+    }
+
+    #[cold]
+    fn finish_if_idle(&mut self) {
         let any_active = self.slots.iter().any(|s| s.phase != Phase::Idle);
         if any_active && !self.draining {
             return;
