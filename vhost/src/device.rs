@@ -17,7 +17,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +33,7 @@ use vhost_user::vhost_user::message::{
 };
 use vhost_user::vhost_user::{
     Backend, BackendReqHandler, Error as VuError, GpuBackend, Listener, Result as VuResult,
-    VhostUserBackendReqHandlerMut, VhostUserFrontendReqHandler,
+    VhostUserBackendReqHandlerMut,
 };
 use vhost_user::VhostUserMemoryRegionBase;
 use virtio_bindings::virtio_blk as vb;
@@ -525,6 +526,9 @@ struct Home {
     on_close: Vec<Box<dyn FnOnce() + Send>>,
     /// A config change arrived while quiescing for something else.
     config_dirty: bool,
+    /// Our copy of the backend-request channel (SET_BACKEND_REQ_FD), for CONFIG_CHANGE_MSG:
+    /// the `vhost` crate's `Backend` cannot send that message.
+    config_chan: Option<UnixStream>,
 }
 
 thread_local! {
@@ -564,6 +568,7 @@ pub fn home_start(shared: Arc<Shared>, listener: Listener) {
         op: None,
         on_close: Vec::new(),
         config_dirty: false,
+        config_chan: None,
     };
     HOMES.with(|m| m.borrow_mut().insert(id, Rc::new(RefCell::new(h))));
     arm(id);
@@ -615,8 +620,81 @@ fn on_ready(id: u64) {
         arm(id);
         return;
     }
+    if let Some(c) = &h.conn {
+        if let Some(chan) = peek_backend_req_fd(c.as_raw_fd()) {
+            h.config_chan = Some(chan);
+        }
+    }
     drop(h);
     quiesce(id, Next::HandleMessage);
+}
+
+/// `FrontendReq::SET_BACKEND_REQ_FD`.
+const SET_BACKEND_REQ_FD: u32 = 21;
+/// `BackendReq::CONFIG_CHANGE_MSG`.
+const CONFIG_CHANGE_MSG: u32 = 2;
+
+/// If the next message on `sock` is SET_BACKEND_REQ_FD, returns a duplicate of its fd
+/// (taken with MSG_PEEK, so the `vhost` crate still reads the message and its own copy).
+fn peek_backend_req_fd(sock: RawFd) -> Option<UnixStream> {
+    let mut hdr = [0u8; 12];
+    // SAFETY: recv into a local 12-byte buffer; MSG_PEEK leaves the message (and its fds)
+    // queued; without a control buffer no fd is installed.
+    let n = unsafe {
+        libc::recv(
+            sock,
+            hdr.as_mut_ptr().cast(),
+            hdr.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n != 12 || u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) != SET_BACKEND_REQ_FD {
+        return None;
+    }
+    let mut iov = libc::iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: hdr.len(),
+    };
+    let mut cbuf = [0u64; 8];
+    // SAFETY: msghdr is plain data, zeroed then pointed at our iovec and control buffer, which
+    // outlive the call; CMSG_* walk only inside `cbuf` as sized by msg_controllen.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cbuf);
+        if libc::recvmsg(sock, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) != 12 {
+            return None;
+        }
+        let mut found = None;
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let nfds = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                for k in 0..nfds {
+                    let fd = std::ptr::read_unaligned(data.add(k));
+                    if found.is_none() {
+                        found = Some(UnixStream::from_raw_fd(fd));
+                    } else {
+                        libc::close(fd);
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        found
+    }
+}
+
+fn send_config_change(chan: &UnixStream) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut m = [0u8; 12];
+    m[0..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_le_bytes());
+    m[4..8].copy_from_slice(&1u32.to_le_bytes());
+    chan.set_nonblocking(true)?;
+    (&*chan).write_all(&m)
 }
 
 /// Stops every running ring, then runs `next`.
@@ -692,15 +770,16 @@ fn after_quiesce(id: u64, next: Next) {
                     e => crate::log(&format!("{}: closing session: {e}", h.shared.name)),
                 }
                 h.conn = None;
+                h.config_chan = None;
                 h.lock().reset();
                 h.lock().inflight = None;
             }
         }
         Next::ConfigChanged => {
             h.config_dirty = false;
-            let d = h.lock();
-            if let Some(b) = &d.backend {
-                if let Err(e) = b.handle_config_change() {
+            let acked = h.lock().acked_protocol & VhostUserProtocolFeatures::BACKEND_REQ.bits();
+            if let (Some(chan), true) = (&h.config_chan, acked != 0 && h.conn.is_some()) {
+                if let Err(e) = send_config_change(chan) {
                     crate::log(&format!("{}: config change notify: {e}", h.shared.name));
                 }
             }
@@ -716,6 +795,7 @@ fn after_quiesce(id: u64, next: Next) {
         }
         Next::Close => {
             h.conn = None;
+            h.config_chan = None;
             h.set_phase(Phase::Closed);
             let _ = std::fs::remove_file(&h.shared.socket);
             let cbs = std::mem::take(&mut h.on_close);

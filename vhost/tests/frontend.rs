@@ -11,7 +11,9 @@ use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vhost_user::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost_user::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost_user::vhost_user::{Frontend, VhostUserFrontend};
 use vhost_user::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -151,6 +153,24 @@ struct Fe {
 
 impl Fe {
     fn connect(path: &PathBuf) -> Fe {
+        Fe::connect_with(
+            path,
+            Mem::new(),
+            None,
+            0,
+            VhostUserProtocolFeatures::empty(),
+        )
+    }
+
+    /// Connects with `mem` as guest memory, optionally handing over an in-flight area, and
+    /// starts queue 0 at avail index `base`.
+    fn connect_with(
+        path: &PathBuf,
+        mem: Mem,
+        inflight: Option<(&VhostUserInflight, &File)>,
+        base: u16,
+        extra: VhostUserProtocolFeatures,
+    ) -> Fe {
         let mut fe = Frontend::connect(path, 16).expect("connect");
         fe.set_owner().unwrap();
         let features = fe.get_features().unwrap();
@@ -162,12 +182,16 @@ impl Fe {
         fe.set_protocol_features(
             pf & (VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK),
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | extra),
         )
         .unwrap();
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         assert!(fe.get_queue_num().unwrap() >= 2);
-        let mem = Mem::new();
+        if let Some((desc, file)) = inflight {
+            fe.set_inflight_fd(desc, file.as_raw_fd())
+                .expect("SET_INFLIGHT_FD");
+        }
         fe.set_mem_table(&[mem.region()]).unwrap();
         let kick = EventFd::new(0).unwrap();
         let call = EventFd::new(0).unwrap();
@@ -176,14 +200,18 @@ impl Fe {
             mem,
             kick,
             _call: call,
-            avail_idx: 0,
-            used_seen: 0,
+            avail_idx: base,
+            used_seen: base,
         };
-        fe.start_queue(0, DESC, AVAIL, USED);
+        fe.start_queue_at(0, DESC, AVAIL, USED, base);
         fe
     }
 
     fn start_queue(&self, q: usize, desc: u64, avail: u64, used: u64) {
+        self.start_queue_at(q, desc, avail, used, 0);
+    }
+
+    fn start_queue_at(&self, q: usize, desc: u64, avail: u64, used: u64, base: u16) {
         self.fe.set_vring_num(q, QSIZE).unwrap();
         let cfg = VringConfigData {
             queue_max_size: QSIZE,
@@ -195,7 +223,7 @@ impl Fe {
             log_addr: None,
         };
         self.fe.set_vring_addr(q, &cfg).unwrap();
-        self.fe.set_vring_base(q, 0).unwrap();
+        self.fe.set_vring_base(q, base).unwrap();
         self.fe.set_vring_call(q, &self._call).unwrap();
         self.fe.set_vring_kick(q, &self.kick).unwrap();
         let mut fe = self.fe.clone();
@@ -298,12 +326,7 @@ fn blk_round_trips() {
 
     let cfg = fe
         .fe
-        .get_config(
-            0,
-            60,
-            vhost_user::vhost_user::message::VhostUserConfigFlags::WRITABLE,
-            &[0; 60],
-        )
+        .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0; 60])
         .unwrap()
         .1;
     assert_eq!(
@@ -592,4 +615,151 @@ fn bad_input_is_refused_without_harm() {
     drop(good);
     delete_when_idle("vbad.0");
     delete_when_idle("vgood.0");
+}
+
+/// A request the backend took from the avail ring but never completed (it crashed, or the
+/// session died) is resubmitted from the in-flight area on reconnect, and not lost.
+#[test]
+fn inflight_requests_survive_reconnect() {
+    malloc("VhMallocInfl", 1024, 4096);
+    let path = controller("vinfl.0", "VhMallocInfl", false);
+    let extra = VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+
+    // Session 1: get the in-flight area, complete one request (initialises the region).
+    let mut fe = Frontend::connect(&path, 16).unwrap();
+    fe.set_owner().unwrap();
+    let f = fe.get_features().unwrap();
+    fe.set_features(f).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(pf & (extra | VhostUserProtocolFeatures::REPLY_ACK))
+        .unwrap();
+    let (area, area_file) = fe
+        .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QSIZE))
+        .expect("GET_INFLIGHT_FD");
+    assert!(area.mmap_size >= 16 + 16 * u64::from(QSIZE));
+    drop(fe);
+    let mem = Mem::new();
+    let mut fe = Fe::connect_with(&path, mem, Some((&area, &area_file)), 0, extra);
+    assert_eq!(fe.request(T_OUT, 8, &[0u8; 4096], false).0, S_OK);
+    // Stop the ring (GET_VRING_BASE waits until it is quiesced); the session stays open so
+    // nothing runs the ring while we forge the crash state.
+    assert_eq!(fe.fe.get_vring_base(0).unwrap(), 1);
+    let Fe { fe: conn, mem, .. } = fe;
+
+    // Simulate a crash after the backend popped head 4 (a write) but before it completed:
+    // the chain and avail entry are in guest memory, the area marks head 4 in flight.
+    let data = pattern(4096, 99);
+    let hdr: Vec<u8> = [T_OUT.to_le_bytes(), 0u32.to_le_bytes()]
+        .concat()
+        .into_iter()
+        .chain(200u64.to_le_bytes())
+        .collect();
+    mem.put(HDR + 0x40, &hdr);
+    mem.put(DATA + 0x10000, &data);
+    mem.put(STATUS + 1, &[0xff]);
+    let desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let b: Vec<u8> = [
+            &addr.to_le_bytes()[..],
+            &len.to_le_bytes(),
+            &flags.to_le_bytes(),
+            &next.to_le_bytes(),
+        ]
+        .concat();
+        mem.put(DESC + i * 16, &b);
+    };
+    desc(4, HDR + 0x40, 16, 1, 5);
+    desc(5, DATA + 0x10000, 4096, 1, 6);
+    desc(6, STATUS + 1, 1, 2, 0);
+    mem.put(AVAIL + 4 + 2, &4u16.to_le_bytes());
+    mem.put(AVAIL + 2, &2u16.to_le_bytes());
+    // SAFETY: mapping the in-flight memfd the backend gave us, checked against MAP_FAILED.
+    let region = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            area.mmap_size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            area_file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(region, libc::MAP_FAILED);
+    // SAFETY: the region holds 16 + 16 * QSIZE bytes (asserted above); no session runs now.
+    let r = unsafe { std::slice::from_raw_parts_mut(region.cast::<u8>(), area.mmap_size as usize) };
+    assert_eq!(
+        u16::from_le_bytes([r[8], r[9]]),
+        1,
+        "region initialised (version 1)"
+    );
+    assert_eq!(u16::from_le_bytes([r[14], r[15]]), 1, "used_idx recorded");
+    let d4 = 16 + 16 * 4;
+    r[d4] = 1;
+    r[d4 + 8..d4 + 16].copy_from_slice(&7u64.to_le_bytes());
+
+    // Session 2, as QEMU reconnects after a backend crash: same area, base = used->idx.
+    drop(conn);
+    let mut fe = Fe::connect_with(&path, mem, Some((&area, &area_file)), 1, extra);
+    fe.avail_idx = 2;
+    let (id, len) = fe
+        .wait_used(Duration::from_secs(10))
+        .expect("resubmitted request done");
+    assert_eq!((id, len), (4, 1));
+    assert_eq!(fe.mem.slice(STATUS + 1, 1)[0], S_OK);
+    assert_eq!(r[d4], 0, "no longer in flight");
+    // The next request continues after it, and the data of the resubmitted write is there.
+    let (st, back) = fe.read(200 * 512 / 512, 4096);
+    assert_eq!(st, S_OK);
+    assert_eq!(back, data);
+    drop(fe);
+    // SAFETY: unmapping what we mapped above.
+    unsafe { libc::munmap(region, area.mmap_size as usize) };
+    delete_when_idle("vinfl.0");
+}
+
+/// A resized bdev changes the capacity in GET_CONFIG and sends CONFIG_CHANGE_MSG on the
+/// backend request channel.
+#[test]
+fn resize_notifies_the_frontend() {
+    bdev::null::create(bdev::null::NullOpts {
+        name: "VhNullResize".into(),
+        num_blocks: 2048,
+        block_size: 512,
+        uuid: None,
+    })
+    .expect("null bdev");
+    let path = controller("vresize.0", "VhNullResize", false);
+    let mut fe = Fe::connect_with(
+        &path,
+        Mem::new(),
+        None,
+        0,
+        VhostUserProtocolFeatures::BACKEND_REQ,
+    );
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    fe.fe.set_backend_request_fd(&theirs).unwrap();
+    assert_eq!(fe.read(0, 512).0, S_OK);
+    let (_, resize) = bdev::rpc_methods()
+        .into_iter()
+        .find(|(m, _)| *m == "bdev_null_resize")
+        .unwrap();
+    resize(json!({"name": "VhNullResize", "new_size": 4})).expect("resize");
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut hdr = [0u8; 12];
+    std::io::Read::read_exact(&mut &ours, &mut hdr).expect("config change message");
+    assert_eq!(
+        u32::from_le_bytes(hdr[0..4].try_into().unwrap()),
+        2,
+        "CONFIG_CHANGE_MSG"
+    );
+    let cfg = fe
+        .fe
+        .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0; 8])
+        .unwrap()
+        .1;
+    assert_eq!(u64::from_le_bytes(cfg[0..8].try_into().unwrap()), 4 * 2048);
+    // I/O beyond the old end now works.
+    assert_eq!(fe.read(4000, 512).0, S_OK);
+    drop(fe);
+    delete_when_idle("vresize.0");
 }
