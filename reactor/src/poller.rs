@@ -53,15 +53,17 @@ impl PollerHandle {
     }
 
     /// Unregisters the poller (deferred, idempotent): it is not called again after the current
-    /// call returns. Must be called on the poller's reactor (panics otherwise).
+    /// call returns. On a reactor it must be the poller's own (panics otherwise). Off-reactor
+    /// it does nothing: that happens when state owning the handle is dropped after its reactor
+    /// stopped (e.g. in a thread-local destructor), when the poller is already gone.
     pub fn unregister(&self) {
-        reactor::with_core(|core| {
+        reactor::try_with_core(|core| {
             assert_eq!(
                 core.id, self.reactor,
                 "poller unregistered from another reactor"
             );
             core.pollers.borrow_mut().unregister(self.id);
-        })
+        });
     }
 }
 

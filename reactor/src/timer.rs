@@ -18,10 +18,11 @@ pub struct TimerHandle {
 }
 
 impl TimerHandle {
-    /// Cancels the timer. Returns true if it had not fired yet. Must be called on the timer's
-    /// reactor (panics otherwise).
+    /// Cancels the timer. Returns true if it had not fired yet. On a reactor it must be the
+    /// timer's own (panics otherwise); off-reactor (after the reactor stopped, e.g. in a
+    /// thread-local destructor) it does nothing and returns false.
     pub fn cancel(&self) -> bool {
-        let removed = reactor::with_core(|core| {
+        let removed = reactor::try_with_core(|core| {
             assert_eq!(
                 core.id, self.reactor,
                 "timer cancelled from another reactor"
@@ -31,7 +32,7 @@ impl TimerHandle {
                 .queue
                 .remove(&(self.deadline, self.seq))
         });
-        removed.is_some()
+        removed.flatten().is_some()
     }
 
     /// When the timer fires.

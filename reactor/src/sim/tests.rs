@@ -387,3 +387,17 @@ fn dropping_a_sim_drains_its_rings() {
         "drain was quick"
     );
 }
+
+#[test]
+fn handles_used_after_their_reactor_are_inert() {
+    let sim = Sim::new(1, base_seed());
+    let (poller, timer) = sim.enter(ReactorId::new(0), || {
+        let p = crate::register_poller("p", || PollStatus::Idle);
+        let t = crate::after(Duration::from_secs(1), || {});
+        (p, t)
+    });
+    drop(sim);
+    // As in a thread-local destructor running after the reactor stopped.
+    poller.unregister();
+    assert!(!timer.cancel());
+}
