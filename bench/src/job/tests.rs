@@ -114,7 +114,10 @@ fn random_reads_run_for_their_duration() {
         runtime >= 0.19 && runtime <= elapsed + 0.01,
         "runtime {runtime}, wall {elapsed}"
     );
-    assert_eq!(outcome.stats.histogram.len(), outcome.stats.nr_completed);
+    assert_eq!(
+        outcome.stats.latency_buckets.to_histogram().len(),
+        outcome.stats.nr_completed
+    );
 }
 
 #[test]
