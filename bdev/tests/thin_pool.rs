@@ -109,11 +109,19 @@ fn thin_model_random_io_across_reactors() {
         let d = descs[&name].clone();
         let r = rng.below(2) as usize;
         let nblocks = model[&name].len() as u64 / BS;
-        match rng.below(100) {
+        let trace = std::env::var("THIN_TRACE").is_ok();
+        let op = rng.below(100);
+        if trace {
+            eprintln!("step {step} op {op} on {name} via r{r}");
+        }
+        match op {
             0..=39 => {
                 let len = 1 + rng.below(24);
                 let off = rng.below(nblocks - len + 1);
                 let data: Vec<u8> = (0..len * BS).map(|_| rng.below(256) as u8).collect();
+                if trace {
+                    eprintln!("  write {off}+{len}");
+                }
                 assert_eq!(
                     write(&rt, r, &d, off, data.clone()),
                     IoStatus::Success,
@@ -127,9 +135,13 @@ fn thin_model_random_io_across_reactors() {
                 let off = rng.below(nblocks - len + 1);
                 let got = ok(rt.io(r, &d, Req::Read(off, len)));
                 let m = &model[&name];
+                let want = &m[(off * BS) as usize..((off + len) * BS) as usize];
+                let first = got.iter().zip(want).position(|(a, b)| a != b);
                 assert!(
-                    got == m[(off * BS) as usize..((off + len) * BS) as usize],
-                    "seed {seed} step {step}: read mismatch on {name} at {off}+{len}"
+                    first.is_none(),
+                    "seed {seed} step {step}: read mismatch on {name} at {off}+{len}, \
+                     first differing byte {first:?} (block {:?})",
+                    first.map(|f| off + f as u64 / BS)
                 );
             }
             70..=77 => {

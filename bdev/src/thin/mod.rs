@@ -351,8 +351,9 @@ fn open_pool(opts: PoolOpts, rt: RuntimeHandle) -> Result<(Worker, mpsc::Receive
         uuid: Mutex::new(uuid),
         opts,
         rt,
-        data_desc,
-        meta_desc,
+        data_bdev: data_desc.bdev().clone(),
+        meta_bdev: meta_desc.bdev().clone(),
+        descs: Mutex::new(Some((data_desc, meta_desc))),
         tx: Mutex::new(Some(tx)),
         dbs_bytes: dbs,
         mode: AtomicU8::new(if needs_check { MODE_RO } else { pool::MODE_RW }),
@@ -455,8 +456,7 @@ impl ModuleChannel for NoIoChannel {
 }
 
 fn register_pool_bdev(shared: &Arc<PoolShared>) -> Result<()> {
-    let bytes =
-        shared.data_desc.bdev().num_blocks() * u64::from(shared.data_desc.bdev().block_size());
+    let bytes = shared.data_bdev.num_blocks() * u64::from(shared.data_bdev.block_size());
     let core = BdevCore::new(BdevCoreOpts {
         name: shared.name.clone(),
         aliases: Vec::new(),
@@ -478,7 +478,7 @@ static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
 fn register_thin(shared: &Arc<PoolShared>, id: u64, l: &Label) -> Result<Arc<ThinBdev>> {
     let bs = u64::from(l.block_size);
-    let data_bs = u64::from(shared.data_desc.bdev().block_size());
+    let data_bs = u64::from(shared.data_bdev.block_size());
     if !(bs == 512 || bs == 4096) || !bs.is_multiple_of(data_bs) {
         return Err(BdevError::invalid(format!(
             "thin block size {bs} must be 512 or 4096 and a multiple of the data bdev's {data_bs}"
@@ -780,13 +780,9 @@ pub fn delete_pool_blocking(name: &str) -> Result<()> {
         }
         None => Ok(()),
     };
-    p.data_desc.release_claim();
-    p.meta_desc.release_claim();
-    // Wait (bounded) for the shards to drop their references so the descriptors close.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while Arc::strong_count(&p) > 1 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    // Close the descriptors (releasing the claims) so the bdevs can be reopened at once.
+    let descs = p.descs.lock().unwrap_or_else(|e| e.into_inner()).take();
+    drop(descs);
     r.map_err(|e| {
         io_err(
             e,

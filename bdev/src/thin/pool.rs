@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use super::meta_io::{SyncIo, SyncOp};
 use super::{emit_event, PoolOpts, LABEL_DEV};
-use crate::bdev::Uuid;
+use crate::bdev::{Bdev, Uuid};
 use crate::desc::BdevDesc;
 use crate::error::{BdevError, ErrorKind};
 
@@ -58,8 +58,10 @@ pub struct PoolShared {
     pub(crate) uuid: Mutex<Uuid>,
     pub(crate) opts: PoolOpts,
     pub(crate) rt: RuntimeHandle,
-    pub(crate) data_desc: Arc<BdevDesc>,
-    pub(crate) meta_desc: Arc<BdevDesc>,
+    /// (data, metadata) descriptors, claimed; taken (closed) when the pool is deleted.
+    pub(crate) descs: Mutex<Option<(Arc<BdevDesc>, Arc<BdevDesc>)>>,
+    pub(crate) data_bdev: Arc<dyn Bdev>,
+    pub(crate) meta_bdev: Arc<dyn Bdev>,
     pub(crate) tx: Mutex<Option<mpsc::Sender<Msg>>>,
     /// Data block size in bytes.
     pub(crate) dbs_bytes: u64,
@@ -76,6 +78,12 @@ impl PoolShared {
         &self,
     ) -> MutexGuard<'_, BTreeMap<String, Arc<super::vbdev::ThinBdev>>> {
         self.thins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The data bdev's descriptor (`None` after the pool was closed).
+    pub(crate) fn data_desc(&self) -> Option<Arc<BdevDesc>> {
+        let d = self.descs.lock().unwrap_or_else(|e| e.into_inner());
+        d.as_ref().map(|(data, _)| data.clone())
     }
 
     /// A sender to the worker (`None` after the pool was closed).
@@ -279,15 +287,13 @@ impl Worker {
         }
     }
 
-    /// Looks up a mapping: `Some((data block, shared))`. Shared uses the time heuristic
-    /// confirmed by the data block's reference count.
+    /// Looks up a mapping: `Some((data block, shared))`. Shared is dm-thin's time heuristic
+    /// (spec §11). The data refcount cannot confirm it: snapshots share B-tree leaves, so a
+    /// block reachable from several devices through one shared leaf still has count 1.
     pub fn lookup(&mut self, dev: u64, block: u64) -> Result<Option<(u64, bool)>, i32> {
         match self.pmd.find_block(DevId(dev), ThinBlock(block)) {
             Ok(None) => Ok(None),
-            Ok(Some(l)) => {
-                let shared = l.shared && self.data_count(l.data_block.0)? > 1;
-                Ok(Some((l.data_block.0, shared)))
-            }
+            Ok(Some(l)) => Ok(Some((l.data_block.0, l.shared))),
             Err(e) => {
                 if is_metadata_failure(&e) {
                     self.fail("lookup", &e);
@@ -640,7 +646,7 @@ impl Worker {
 
     /// Grows the data space map to the data bdev's current size.
     pub fn grow(&mut self) -> Result<u64, BdevError> {
-        let bdev = self.shared.data_desc.bdev().clone();
+        let bdev = self.shared.data_bdev.clone();
         let bytes = bdev.num_blocks() * u64::from(bdev.block_size());
         let new = bytes / self.shared.dbs_bytes;
         let old = self.pmd.data_nr_blocks();
@@ -696,8 +702,8 @@ impl Worker {
         json!({
             "name": s.name,
             "uuid": s.uuid.lock().unwrap_or_else(|e| e.into_inner()).to_string(),
-            "data_bdev": s.data_desc.bdev().name(),
-            "metadata_bdev": s.meta_desc.bdev().name(),
+            "data_bdev": s.data_bdev.name(),
+            "metadata_bdev": s.meta_bdev.name(),
             "data_block_size": s.dbs_bytes,
             "transaction_id": self.pmd.transaction_id(),
             "used_data_blocks": used_data,

@@ -336,7 +336,8 @@ impl DevState {
             return Ok(st);
         }
         assert_eq!(reactor::current(), t.owner, "shard state off its owner");
-        let data = t.pool.data_desc.get_io_channel().map_err(|e| e.errno())?;
+        let desc = t.pool.data_desc().ok_or(libc::ENODEV)?;
+        let data = desc.get_io_channel().map_err(|e| e.errno())?;
         let tx = t.pool.sender().ok_or(libc::ENODEV)?;
         let st = Rc::new_cyclic(|weak: &Weak<DevState>| {
             let w = weak.clone();
