@@ -109,6 +109,9 @@ where
     while let Some(arg) = args.get(i) {
         i += 1;
         let (flag, inline) = split_flag(arg);
+        if matches!(flag, "-h" | "--help" | "-C") && inline.is_some() {
+            return err(format!("unknown option '{arg}' (see bdevperf -h)"));
+        }
         if matches!(flag, "-h" | "--help") {
             return Ok(Command::Help);
         }
