@@ -140,7 +140,6 @@ impl BlockManager {
         self.cache.contains_key(&loc)
     }
 
-
     fn check_type(e: &Entry, loc: u64, v: &'static dyn Validator) -> Result<()> {
         if e.validator.name() != v.name() {
             return err(
@@ -181,7 +180,10 @@ impl BlockManager {
     /// Read-lock `loc` only if cached; `WouldBlock` otherwise. Never does I/O.
     pub fn try_read_lock(&mut self, loc: u64, v: &'static dyn Validator) -> Result<ReadRef> {
         let Some(e) = self.cache.get_mut(&loc) else {
-            return err(ErrorKind::WouldBlock, format!("metadata block {loc} not cached"));
+            return err(
+                ErrorKind::WouldBlock,
+                format!("metadata block {loc} not cached"),
+            );
         };
         Self::check_type(e, loc, v)?;
         e.referenced = true;
@@ -198,18 +200,24 @@ impl BlockManager {
         v: &'static dyn Validator,
     ) -> Result<()> {
         assert!(!self.cache.contains_key(&loc), "block {loc} inserted twice");
-        let e = Entry { data, dirty, validator: v, referenced: true };
+        let e = Entry {
+            data,
+            dirty,
+            validator: v,
+            referenced: true,
+        };
         self.cache.insert(loc, e);
         self.ring.push(loc);
-        self.evict()?;
+        self.evict(loc)?;
         debug_assert!(self.ring.len() >= self.cache.len());
         Ok(())
     }
 
     /// Evict unlocked, not recently referenced blocks (clock) while over capacity. Locked
-    /// blocks are skipped; after two full sweeps without a victim the cache stays over its
-    /// bound (only possible while more than `capacity` blocks are read-locked).
-    fn evict(&mut self) -> Result<()> {
+    /// blocks and `protect` (the block being inserted) are skipped; after two full sweeps
+    /// without a victim the cache stays over its bound (only possible while more than
+    /// `capacity` blocks are read-locked).
+    fn evict(&mut self, protect: u64) -> Result<()> {
         let mut budget = 2 * self.ring.len() + 2;
         while self.cache.len() > self.capacity && budget > 0 && !self.ring.is_empty() {
             budget -= 1;
@@ -221,7 +229,7 @@ impl BlockManager {
                 self.ring.swap_remove(self.hand);
                 continue;
             };
-            if e.referenced || Arc::strong_count(&e.data) > 1 {
+            if e.referenced || loc == protect || Arc::strong_count(&e.data) > 1 {
                 e.referenced = false;
                 self.hand += 1;
                 continue;

@@ -257,3 +257,16 @@ fn index_block_round_trip() {
         ErrorKind::Limit
     );
 }
+
+#[test]
+fn node_ref_out_of_range_indexes_are_errors() {
+    let node = Node::new(true, 8);
+    let mut buf = [0u8; BLOCK_SIZE];
+    node.pack(&mut buf, 1).unwrap();
+    let r = crate::btree::node::NodeRef::new(&buf).unwrap();
+    for i in [0, 1, usize::MAX / 8 + 1, usize::MAX] {
+        assert_eq!(r.key(i).unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(r.value(i).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+    assert_eq!(r.lower_bound(5).unwrap(), None);
+}

@@ -62,12 +62,24 @@ impl TransactionManager {
         self.shadows.len()
     }
 
-    /// Allocate a zeroed block of type `v` (count 1), in the shadow set.
+    /// Allocate a zeroed block of type `v` (count 1), in the shadow set. Only for block types
+    /// whose all-zero body is valid (bitmaps, index); others use [`Self::new_block_with`].
     pub fn new_block(&mut self, v: &'static dyn Validator) -> Result<u64> {
+        self.new_block_with(v, |_, _| Ok(()))
+    }
+
+    /// Allocate a block of type `v` (count 1, in the shadow set) and fill it with `f(buf, loc)`
+    /// in one step, so the block is valid whenever it is written back.
+    pub fn new_block_with(
+        &mut self,
+        v: &'static dyn Validator,
+        f: impl FnOnce(&mut crate::block_manager::Block, u64) -> Result<()>,
+    ) -> Result<u64> {
         let b = self.sm.ll.alloc(&mut self.bm)?;
         let fresh = self.shadows.insert(b);
         assert!(fresh, "allocated block {b} is already a live shadow");
-        self.bm.write_zero(b, v, |_| ())?;
+        self.bm.write_zero(b, v, |buf| f(buf, b))??;
+        debug_assert_eq!(self.sm.ll.count(&mut self.bm, b)?, 1);
         Ok(b)
     }
 

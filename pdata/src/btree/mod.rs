@@ -120,9 +120,8 @@ pub(crate) fn write_node(tm: &mut TransactionManager, loc: u64, node: &Node) -> 
 
 /// Allocate a new node block holding `node`.
 pub(crate) fn new_node(tm: &mut TransactionManager, node: &Node) -> Result<u64> {
-    let loc = tm.new_block(&BTREE_VALIDATOR)?;
-    write_node(tm, loc, node)?;
-    Ok(loc)
+    assert!(node.nr_entries() <= node.max_entries());
+    tm.new_block_with(&BTREE_VALIDATOR, |buf, loc| node.pack(buf, loc))
 }
 
 /// Create an empty tree (a leaf with no entries) for values of `value_size` bytes.

@@ -178,11 +178,9 @@ impl<'a> NodeRef<'a> {
 
     /// Key `i` (Err if out of range).
     pub fn key(&self, i: usize) -> Result<u64> {
-        match self
-            .keys
-            .get(8 * i..8 * i + 8)
-            .and_then(|k| <[u8; 8]>::try_from(k).ok())
-        {
+        let range = i.checked_mul(8).map(|o| o..o.saturating_add(8));
+        let bytes = range.and_then(|r| self.keys.get(r));
+        match bytes.and_then(|k| <[u8; 8]>::try_from(k).ok()) {
             Some(k) => Ok(u64::from_le_bytes(k)),
             None => err(ErrorKind::Corrupt, format!("key index {i} out of range")),
         }
@@ -191,7 +189,8 @@ impl<'a> NodeRef<'a> {
     /// Value bytes of entry `i`.
     pub fn value(&self, i: usize) -> Result<&'a [u8]> {
         let vs = self.header.value_size as usize;
-        match self.values.get(vs * i..vs * i + vs) {
+        let range = vs.checked_mul(i).map(|o| o..o.saturating_add(vs));
+        match range.and_then(|r| self.values.get(r)) {
             Some(v) => Ok(v),
             None => err(ErrorKind::Corrupt, format!("value index {i} out of range")),
         }

@@ -369,6 +369,9 @@ impl PoolMetadata {
         self.tm.finish_commit();
         self.data_sm.finish_commit();
         self.committed_sb = sb;
+        assert_eq!(sb.metadata_sm_root.nr_allocated, self.tm.sm.ll.nr_allocated);
+        assert_eq!(sb.data_sm_root.nr_allocated, self.data_sm.ll.nr_allocated);
+        debug_assert!(self.details.values().all(|c| !c.dirty));
         debug_assert_eq!(self.tm.nr_shadows(), 0);
         Ok(())
     }
@@ -377,6 +380,8 @@ impl PoolMetadata {
     /// the on-disk superblock.
     pub fn abort(&mut self) -> Result<()> {
         self.tm.bm.invalidate_all();
+        // Until the reload succeeds the in-memory state matches nothing on disk.
+        self.failed = Some("abort in progress".to_string());
         let mut l = load(&mut self.tm.bm, self.data_block_size)?;
         let msm = std::mem::replace(&mut l.msm, MetadataSm::bootstrap());
         self.tm.reset(msm);
@@ -670,7 +675,10 @@ impl PoolMetadata {
     /// transaction. Errors: `NoSpace`.
     pub fn alloc_data_block(&mut self) -> Result<DataBlock> {
         self.check_writable()?;
-        self.data_sm.ll.alloc(&mut self.tm.bm).map(DataBlock)
+        let b = self.data_sm.ll.alloc(&mut self.tm.bm)?;
+        assert!(b < self.data_sm.ll.nr_blocks);
+        debug_assert_eq!(self.data_sm.ll.count(&mut self.tm.bm, b)?, 1);
+        Ok(DataBlock(b))
     }
 
     /// Map `(dev, block) -> data` at the current time. The caller already holds the data
@@ -689,6 +697,15 @@ impl PoolMetadata {
                 format!(
                     "data block {} beyond pool of {} blocks",
                     data.0, self.data_sm.ll.nr_blocks
+                ),
+            );
+        }
+        if self.data_sm.ll.count(&mut self.tm.bm, data.0)? == 0 {
+            return err(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "data block {} is free: the caller must hold a reference",
+                    data.0
                 ),
             );
         }
@@ -866,17 +883,18 @@ impl PoolMetadata {
             );
         }
         self.commit()?;
-        let n = self.tm.new_block(&SUPERBLOCK_VALIDATOR)?;
-        let copy = Superblock {
-            blocknr: n,
-            data_sm_root: SmRoot::default(),
-            metadata_sm_root: SmRoot::default(),
-            held_root: 0,
-            ..self.committed_sb
-        };
-        self.tm
-            .bm
-            .write(n, &SUPERBLOCK_VALIDATOR, |buf| copy.pack_block(buf))??;
+        let live = self.committed_sb;
+        let n = self.tm.new_block_with(&SUPERBLOCK_VALIDATOR, |buf, n| {
+            let copy = Superblock {
+                blocknr: n,
+                data_sm_root: SmRoot::default(),
+                metadata_sm_root: SmRoot::default(),
+                held_root: 0,
+                ..live
+            };
+            copy.pack_block(buf)
+        })?;
+        let copy = live;
         self.tm.inc(copy.data_mapping_root)?;
         self.tm.inc(copy.device_details_root)?;
         self.held_root = n;

@@ -436,10 +436,11 @@ fn compare_with_model(pmd: &mut PoolMetadata, model: &Model) {
 
 /// Random operations on several devices (with snapshots) against a model, across commit,
 /// abort and reopen; the independent checker runs after commits.
-fn random_pool_ops(seed: u64, nr_ops: usize) {
-    eprintln!("random_pool_ops seed {seed}");
+fn random_pool_ops(seed: u64, nr_ops: usize, cache: CacheOpts) {
+    eprintln!("random_pool_ops seed {seed}, {cache:?}");
     let mut rng = TestRng::new(seed);
-    let (io, mut pmd) = new_pool(4096, 30_000);
+    let io = MemBlockIo::new(4096);
+    let mut pmd = PoolMetadata::format(Box::new(io.clone()), 128, 30_000, cache).unwrap();
     let mut model: Model = BTreeMap::new();
     let mut committed = model.clone();
     let mut next_id = 0u64;
@@ -515,7 +516,7 @@ fn random_pool_ops(seed: u64, nr_ops: usize) {
             }
             96 => {
                 drop(pmd);
-                pmd = PoolMetadata::open(Box::new(io.clone()), 128, opts()).unwrap();
+                pmd = PoolMetadata::open(Box::new(io.clone()), 128, cache).unwrap();
                 model = committed.clone();
                 compare_with_model(&mut pmd, &model);
             }
@@ -556,7 +557,15 @@ fn random_pool_ops(seed: u64, nr_ops: usize) {
 
 #[test]
 fn random_pool_ops_match_model_seed_1() {
-    random_pool_ops(1, 6000);
+    random_pool_ops(1, 6000, opts());
+}
+
+#[test]
+fn random_pool_ops_with_the_smallest_cache() {
+    let tiny = CacheOpts {
+        nr_cache_blocks: crate::block_manager::MIN_CACHE_BLOCKS,
+    };
+    random_pool_ops(3, 6000, tiny);
 }
 
 #[test]
@@ -565,7 +574,7 @@ fn random_pool_ops_match_model_seed_env() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0xC0FFEE);
-    random_pool_ops(seed, 6000);
+    random_pool_ops(seed, 6000, opts());
 }
 
 #[test]
@@ -998,4 +1007,27 @@ fn io_failure_latches_read_only_until_abort_restores_the_last_commit() {
         checker::check(&mut pmd);
         thin_check_and_dump(&mem);
     }
+}
+
+/// Regression (reported by pdata-tools, /work/notes/pdata-bugs.md #2): a long transaction
+/// after reopening with a small cache.
+#[test]
+fn reopened_small_cache_long_transaction() {
+    let io = MemBlockIo::new(2000);
+    let small = CacheOpts {
+        nr_cache_blocks: 128,
+    };
+    drop(PoolMetadata::format(Box::new(io.clone()), 256, 16_000, small).unwrap());
+    let mut m = PoolMetadata::open(Box::new(io.clone()), 256, small).unwrap();
+    m.commit().unwrap();
+    m.create_thin(DevId(0)).unwrap();
+    for v in 0..15_000u64 {
+        let b = m.alloc_data_block().unwrap();
+        if let Err(e) = m.insert_block(DevId(0), ThinBlock(100_000 + v), b) {
+            panic!("insert #{v} (data block {}): {e}", b.0);
+        }
+    }
+    m.commit().unwrap();
+    checker::check(&mut m);
+    thin_check_and_dump(&io);
 }
