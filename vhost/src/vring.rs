@@ -483,11 +483,11 @@ impl Worker {
             next_avail: self.queue.next_avail(),
             broken: self.broken,
         };
-        let key = self.key;
-        // Dropping the map entry here would drop `self` while borrowed: defer it.
-        reactor::send_msg(reactor::current(), move || {
-            WORKERS.with(|m| m.borrow_mut().remove(&key));
-        });
+        // Leave the map now, before `done` lets the home reactor restart this ring: a
+        // deferred removal could race with the new worker's insertion. The poller closure
+        // still holds a reference, so `self` stays alive until the poller is dropped.
+        let removed = WORKERS.with(|m| m.borrow_mut().remove(&self.key));
+        drop(removed);
         if let Some(done) = self.stopping.take() {
             done(report);
         }

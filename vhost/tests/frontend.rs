@@ -1,325 +1,29 @@
 //! The vhost-user-blk backend driven in-process by a test frontend: the rust-vmm `vhost`
 //! crate's frontend side (or hand-built messages) over the controller's socket, guest memory in
 //! a memfd we map too, and split rings we fill ourselves. Requests go to a malloc bdev.
+mod support;
 
-use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::{mpsc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
+use support::*;
 use vhost_user::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost_user::vhost_user::{Frontend, VhostUserFrontend};
-use vhost_user::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use vhost_user::VhostBackend;
 
-const MEM_SIZE: usize = 4 << 20;
-const UVA_BASE: u64 = 0x7f00_0000_0000;
-const QSIZE: u16 = 16;
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
-const HDR: u64 = 0x3000;
-const STATUS: u64 = 0x3100;
-const DATA: u64 = 0x10_0000;
-
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
-
-fn setup() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir").keep();
-        let mut opts = reactor::RuntimeOptions::new(reactor::CoreMask::parse("0x1").unwrap());
-        opts.interrupt_mode = true;
-        opts.pin_threads = false;
-        let rt = reactor::Runtime::start(opts, || {}).expect("runtime");
-        vhost::set_runtime(rt.handle());
-        vhost::set_socket_dir(&dir);
-        std::mem::forget(rt);
-        dir
-    })
-    .clone()
-}
-
-fn call(method: &str, params: Value) -> Result<Value, vhost::VhostRpcError> {
-    let (_, h) = vhost::rpc_methods()
-        .into_iter()
-        .find(|(m, _)| *m == method)
-        .expect("method");
-    let (tx, rx) = mpsc::channel();
-    h(params, Box::new(move |r| tx.send(r).unwrap()));
-    rx.recv_timeout(Duration::from_secs(10))
-        .expect("rpc answer")
-}
-
-fn malloc(name: &str, num_blocks: u64, block_size: u32) {
-    bdev::malloc::create(bdev::malloc::MallocOpts {
-        name: Some(name.into()),
-        num_blocks,
-        block_size,
-        uuid: None,
-        optimal_io_boundary: 0,
-    })
-    .expect("malloc");
-}
-
-fn controller(name: &str, bdev: &str, readonly: bool) -> PathBuf {
-    let dir = setup();
-    call(
-        "vhost_create_blk_controller",
-        json!({"ctrlr": name, "dev_name": bdev, "readonly": readonly}),
-    )
-    .expect("create controller");
-    dir.join(name)
-}
-
-/// Guest memory: a memfd mapped here and handed to the backend.
-struct Mem {
-    file: File,
-    ptr: *mut u8,
-}
-
-impl Mem {
-    fn new() -> Mem {
-        // SAFETY: memfd_create with a NUL-terminated name; the fd is owned by File.
-        let file = unsafe { File::from_raw_fd(libc::memfd_create(c"guest".as_ptr(), 0)) };
-        file.set_len(MEM_SIZE as u64).unwrap();
-        // SAFETY: mapping the whole memfd we just sized; checked against MAP_FAILED.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        Mem {
-            file,
-            ptr: ptr.cast(),
-        }
-    }
-    fn slice(&self, gpa: u64, len: usize) -> &[u8] {
-        assert!(gpa as usize + len <= MEM_SIZE);
-        // SAFETY: in bounds of our mapping; the backend writes only to buffers of requests we
-        // are waiting for, and we read them after the used index moved.
-        unsafe { std::slice::from_raw_parts(self.ptr.add(gpa as usize), len) }
-    }
-    fn put(&self, gpa: u64, b: &[u8]) {
-        assert!(gpa as usize + b.len() <= MEM_SIZE);
-        // SAFETY: in bounds of our mapping (asserted); `b` is a separate allocation.
-        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.ptr.add(gpa as usize), b.len()) };
-    }
-    fn u16_at(&self, gpa: u64) -> u16 {
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        u16::from_le_bytes(self.slice(gpa, 2).try_into().unwrap())
-    }
-    fn region(&self) -> VhostUserMemoryRegionInfo {
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: UVA_BASE,
-            mmap_offset: 0,
-            mmap_handle: self.file.as_raw_fd(),
-        }
-    }
-}
-
-/// One connected test frontend with queue 0 running.
-struct Fe {
-    fe: Frontend,
-    mem: Mem,
-    kick: EventFd,
-    _call: EventFd,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-impl Fe {
-    fn connect(path: &PathBuf) -> Fe {
-        Fe::connect_with(
-            path,
-            Mem::new(),
-            None,
-            0,
-            VhostUserProtocolFeatures::empty(),
-        )
-    }
-
-    /// Connects with `mem` as guest memory, optionally handing over an in-flight area, and
-    /// starts queue 0 at avail index `base`.
-    fn connect_with(
-        path: &PathBuf,
-        mem: Mem,
-        inflight: Option<(&VhostUserInflight, &File)>,
-        base: u16,
-        extra: VhostUserProtocolFeatures,
-    ) -> Fe {
-        let mut fe = Frontend::connect(path, 16).expect("connect");
-        fe.set_owner().unwrap();
-        let features = fe.get_features().unwrap();
-        assert_ne!(features & (1 << 32), 0, "VERSION_1 offered");
-        assert_ne!(features & (1 << 30), 0, "PROTOCOL_FEATURES offered");
-        fe.set_features(features & !(1 << 29)).unwrap();
-        let pf = fe.get_protocol_features().unwrap();
-        assert!(pf.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
-        fe.set_protocol_features(
-            pf & (VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK
-                | extra),
-        )
-        .unwrap();
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        assert!(fe.get_queue_num().unwrap() >= 2);
-        if let Some((desc, file)) = inflight {
-            fe.set_inflight_fd(desc, file.as_raw_fd())
-                .expect("SET_INFLIGHT_FD");
-        }
-        fe.set_mem_table(&[mem.region()]).unwrap();
-        let kick = EventFd::new(0).unwrap();
-        let call = EventFd::new(0).unwrap();
-        let fe = Fe {
-            fe,
-            mem,
-            kick,
-            _call: call,
-            avail_idx: base,
-            used_seen: base,
-        };
-        fe.start_queue_at(0, DESC, AVAIL, USED, base);
-        fe
-    }
-
-    fn start_queue(&self, q: usize, desc: u64, avail: u64, used: u64) {
-        self.start_queue_at(q, desc, avail, used, 0);
-    }
-
-    fn start_queue_at(&self, q: usize, desc: u64, avail: u64, used: u64, base: u16) {
-        self.fe.set_vring_num(q, QSIZE).unwrap();
-        let cfg = VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: UVA_BASE + desc,
-            used_ring_addr: UVA_BASE + used,
-            avail_ring_addr: UVA_BASE + avail,
-            log_addr: None,
-        };
-        self.fe.set_vring_addr(q, &cfg).unwrap();
-        self.fe.set_vring_base(q, base).unwrap();
-        self.fe.set_vring_call(q, &self._call).unwrap();
-        self.fe.set_vring_kick(q, &self.kick).unwrap();
-        let mut fe = self.fe.clone();
-        fe.set_vring_enable(q, true).unwrap();
-    }
-
-    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut b = Vec::with_capacity(16);
-        b.extend_from_slice(&addr.to_le_bytes());
-        b.extend_from_slice(&len.to_le_bytes());
-        b.extend_from_slice(&flags.to_le_bytes());
-        b.extend_from_slice(&next.to_le_bytes());
-        self.mem.put(DESC + u64::from(i) * 16, &b);
-    }
-
-    /// Publishes `head` in the avail ring and kicks.
-    fn publish(&mut self, head: u16) {
-        let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        self.mem.put(slot, &head.to_le_bytes());
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem.put(AVAIL + 2, &self.avail_idx.to_le_bytes());
-        self.kick.write(1).unwrap();
-    }
-
-    /// Waits for the next used entry; returns (id, len), or None after `limit`.
-    fn wait_used(&mut self, limit: Duration) -> Option<(u32, u32)> {
-        let deadline = Instant::now() + limit;
-        while self.mem.u16_at(USED + 2) == self.used_seen {
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let e = self
-            .mem
-            .slice(USED + 4 + 8 * u64::from(self.used_seen % QSIZE), 8);
-        let id = u32::from_le_bytes(e[0..4].try_into().unwrap());
-        let len = u32::from_le_bytes(e[4..8].try_into().unwrap());
-        self.used_seen = self.used_seen.wrapping_add(1);
-        Some((id, len))
-    }
-
-    /// Runs one request: header, optional data (readable or writable), status.
-    fn request(&mut self, t: u32, sector: u64, data: &[u8], data_writable: bool) -> (u8, u32) {
-        let mut hdr = Vec::new();
-        hdr.extend_from_slice(&t.to_le_bytes());
-        hdr.extend_from_slice(&0u32.to_le_bytes());
-        hdr.extend_from_slice(&sector.to_le_bytes());
-        self.mem.put(HDR, &hdr);
-        self.mem.put(STATUS, &[0xff]);
-        self.desc(0, HDR, 16, 1, 1);
-        if data.is_empty() {
-            self.desc(1, STATUS, 1, 2, 0);
-        } else {
-            self.mem.put(DATA, data);
-            self.desc(
-                1,
-                DATA,
-                data.len() as u32,
-                1 | if data_writable { 2 } else { 0 },
-                2,
-            );
-            self.desc(2, STATUS, 1, 2, 0);
-        }
-        self.publish(0);
-        let (id, len) = self.wait_used(Duration::from_secs(10)).expect("completion");
-        assert_eq!(id, 0);
-        (self.mem.slice(STATUS, 1)[0], len)
-    }
-
-    fn read(&mut self, sector: u64, len: usize) -> (u8, Vec<u8>) {
-        let (st, used) = self.request(T_IN, sector, &vec![0u8; len], true);
-        if st == S_OK {
-            assert_eq!(used as usize, len + 1);
-        }
-        (st, self.mem.slice(DATA, len).to_vec())
-    }
-
-    fn dwz(&mut self, t: u32, sector: u64, n: u32, flags: u32) -> u8 {
-        let mut seg = Vec::new();
-        seg.extend_from_slice(&sector.to_le_bytes());
-        seg.extend_from_slice(&n.to_le_bytes());
-        seg.extend_from_slice(&flags.to_le_bytes());
-        self.request(t, sector, &seg, false).0
-    }
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
+fn init() -> PathBuf {
+    setup_runtime("0x1", true)
 }
 
 #[test]
 fn blk_round_trips() {
+    init();
     malloc("VhMalloc0", 2048, 4096);
     let path = controller("vrt.0", "VhMalloc0", false);
     let mut fe = Fe::connect(&path);
@@ -399,21 +103,9 @@ fn blk_round_trips() {
     delete_when_idle("vrt.0");
 }
 
-fn delete_when_idle(name: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match call("vhost_delete_controller", json!({"ctrlr": name})) {
-            Ok(_) => return,
-            Err(e) if e.code == -libc::EBUSY && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("delete {name}: {e:?}"),
-        }
-    }
-}
-
 #[test]
 fn readonly_controller_refuses_writes() {
+    init();
     malloc("VhMallocRo", 256, 512);
     let path = controller("vro.0", "VhMallocRo", true);
     let mut fe = Fe::connect(&path);
@@ -427,6 +119,7 @@ fn readonly_controller_refuses_writes() {
 
 #[test]
 fn rpc_params_are_checked() {
+    init();
     malloc("VhMallocRpc", 256, 512);
     setup();
     let e = call(
@@ -465,18 +158,9 @@ fn rpc_params_are_checked() {
     assert!(!setup().join("vrpc.0").exists(), "socket removed");
 }
 
-/// Sends one hand-built message (with fds) on a raw socket.
-fn raw_msg(s: &UnixStream, req: u32, flags: u32, payload: &[u8], fds: &[i32]) {
-    let mut m = Vec::new();
-    m.extend_from_slice(&req.to_le_bytes());
-    m.extend_from_slice(&(flags | 1).to_le_bytes());
-    m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    m.extend_from_slice(payload);
-    s.send_with_fds(&[&m[..]], fds).unwrap();
-}
-
 #[test]
 fn bad_input_is_refused_without_harm() {
+    init();
     malloc("VhMallocBad", 1024, 4096);
     malloc("VhMallocGood", 1024, 4096);
     let bad_path = controller("vbad.0", "VhMallocBad", false);
@@ -621,6 +305,7 @@ fn bad_input_is_refused_without_harm() {
 /// session died) is resubmitted from the in-flight area on reconnect, and not lost.
 #[test]
 fn inflight_requests_survive_reconnect() {
+    init();
     malloc("VhMallocInfl", 1024, 4096);
     let path = controller("vinfl.0", "VhMallocInfl", false);
     let extra = VhostUserProtocolFeatures::INFLIGHT_SHMFD;
@@ -639,7 +324,7 @@ fn inflight_requests_survive_reconnect() {
     assert!(area.mmap_size >= 16 + 16 * u64::from(QSIZE));
     drop(fe);
     let mem = Mem::new();
-    let mut fe = Fe::connect_with(&path, mem, Some((&area, &area_file)), 0, extra);
+    let mut fe = Fe::connect_with(&path, mem, Some((&area, &area_file)), 0, extra, false);
     assert_eq!(fe.request(T_OUT, 8, &[0u8; 4096], false).0, S_OK);
     // Stop the ring (GET_VRING_BASE waits until it is quiesced); the session stays open so
     // nothing runs the ring while we forge the crash state.
@@ -698,7 +383,7 @@ fn inflight_requests_survive_reconnect() {
 
     // Session 2, as QEMU reconnects after a backend crash: same area, base = used->idx.
     drop(conn);
-    let mut fe = Fe::connect_with(&path, mem, Some((&area, &area_file)), 1, extra);
+    let mut fe = Fe::connect_with(&path, mem, Some((&area, &area_file)), 1, extra, false);
     fe.avail_idx = 2;
     let (id, len) = fe
         .wait_used(Duration::from_secs(10))
@@ -720,6 +405,7 @@ fn inflight_requests_survive_reconnect() {
 /// backend request channel.
 #[test]
 fn resize_notifies_the_frontend() {
+    init();
     bdev::null::create(bdev::null::NullOpts {
         name: "VhNullResize".into(),
         num_blocks: 2048,
@@ -734,6 +420,7 @@ fn resize_notifies_the_frontend() {
         None,
         0,
         VhostUserProtocolFeatures::BACKEND_REQ,
+        false,
     );
     let (ours, theirs) = UnixStream::pair().unwrap();
     fe.fe.set_backend_request_fd(&theirs).unwrap();
