@@ -405,3 +405,6 @@ pub fn decode(mem: &GuestMemoryMmap<()>, chain: &Chain, l: &Limits) -> Result<Bl
         _ => Err(Reject::Unsupp),
     }
 }
+
+#[cfg(test)]
+mod tests;
