@@ -710,6 +710,19 @@ pub fn pool_status_blocking(name: &str) -> Result<Value> {
     worker_call(&p, |w| w.status())
 }
 
+/// Parses a label block (the first bytes of the data block mapped at block 0 of
+/// [`LABEL_DEV`]): `thin id → (name, num_blocks, block_size)`. For offline tools and tests.
+/// Errors: bad magic, checksum mismatch, malformed table.
+pub fn parse_label_block(
+    block: &[u8],
+) -> std::result::Result<BTreeMap<u64, (String, u64, u32)>, String> {
+    let t = pool::decode_labels(block)?;
+    Ok(t.thins
+        .into_iter()
+        .map(|(id, l)| (id, (l.name, l.num_blocks, l.block_size)))
+        .collect())
+}
+
 /// Names of all pools.
 pub fn pool_names() -> Vec<String> {
     pools()

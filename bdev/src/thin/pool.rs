@@ -156,7 +156,7 @@ fn encode_labels(t: &LabelTable) -> Result<Vec<u8>, BdevError> {
     Ok(out)
 }
 
-fn decode_labels(block: &[u8]) -> Result<LabelTable, String> {
+pub(crate) fn decode_labels(block: &[u8]) -> Result<LabelTable, String> {
     let hdr = block.get(..LABEL_HEADER).ok_or("label block truncated")?;
     if &hdr[..8] != LABEL_MAGIC {
         return Err("label block: bad magic".into());
