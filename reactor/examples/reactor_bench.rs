@@ -40,46 +40,61 @@ fn cores(n: usize) -> CoreMask {
     .unwrap()
 }
 
-/// Runs `setup` on reactor 0 of an `n`-reactor poll-mode runtime for `secs`, returns
-/// (work counter, total ticks of reactor 0, elapsed).
-fn run(
-    n: usize,
-    secs: f64,
-    setup: impl FnOnce(Arc<AtomicU64>) + Send + 'static,
-) -> (u64, u64, Duration) {
+/// What one case measured on reactor 0.
+struct Measured {
+    work: u64,
+    ticks: u64,
+    elapsed: Duration,
+    /// CPU time of reactor 0's thread (user + system), so rates can be given per CPU-second,
+    /// which a loaded, shared machine distorts far less than per wall-second.
+    cpu: Duration,
+}
+
+/// Runs `setup` on reactor 0 of an `n`-reactor poll-mode runtime for `secs`.
+fn run(n: usize, secs: f64, setup: impl FnOnce(Arc<AtomicU64>) + Send + 'static) -> Measured {
     let mut opts = RuntimeOptions::new(cores(n));
     opts.pin_threads = reactor::cpu::available_cores().len() >= n;
     let counter = Arc::new(AtomicU64::new(0));
     let c = counter.clone();
+    let at_stop = Arc::new(std::sync::Mutex::new(None));
+    let s = at_stop.clone();
     let start = Instant::now();
     let runtime = Runtime::start(opts, move || {
-        setup(c);
-        reactor::after(Duration::from_secs_f64(secs), reactor::request_stop);
+        setup(c.clone());
+        reactor::after(Duration::from_secs_f64(secs), move || {
+            // Read while the thread is alive: its /proc entry goes away with it.
+            let stats = reactor::stats(ReactorId::new(0));
+            *s.lock().unwrap() = Some((c.load(Ordering::Relaxed), stats, start.elapsed()));
+            reactor::request_stop();
+        });
     })
     .unwrap();
-    let h = runtime.handle();
-    // Ticks must be read before join (stats stay readable afterwards too).
     runtime.join().unwrap();
-    let elapsed = start.elapsed();
-    let stats = &h.stats()[0];
-    (
-        counter.load(Ordering::Relaxed),
-        stats.busy_ticks + stats.idle_ticks,
+    let (work, stats, elapsed) = at_stop.lock().unwrap().take().expect("stop timer ran");
+    Measured {
+        work,
+        ticks: stats.busy_ticks + stats.idle_ticks,
         elapsed,
-    )
+        cpu: stats.cpu_time,
+    }
 }
 
-fn report(name: &str, work: u64, ticks: u64, elapsed: Duration, unit: &str) {
-    let secs = elapsed.as_secs_f64();
+fn report(name: &str, m: Measured, unit: &str) {
+    let secs = m.elapsed.as_secs_f64();
+    let cpu = m.cpu.as_secs_f64().max(1e-3);
     println!(
-        "{name:<14} {:>8.2} M{unit}/s   {:>8.2} M ticks/s   ({work} {unit} in {secs:.2} s)",
-        work as f64 / secs / 1e6,
-        ticks as f64 / secs / 1e6,
+        "{name:<14} {:>8.2} M{unit}/s {:>7.2} M ticks/s | per CPU-s of reactor 0: {:>8.2} M{unit} \
+         {:>7.2} M ticks ({:.0}% CPU)",
+        m.work as f64 / secs / 1e6,
+        m.ticks as f64 / secs / 1e6,
+        m.work as f64 / cpu / 1e6,
+        m.ticks as f64 / cpu / 1e6,
+        100.0 * cpu / secs,
     );
 }
 
 fn bench_tick(secs: f64) {
-    let (work, ticks, elapsed) = run(1, secs, |c| {
+    let m = run(1, secs, |c| {
         let n = Rc::new(Cell::new(0u64));
         reactor::register_poller("tick", move || {
             n.set(n.get() + 1);
@@ -89,12 +104,12 @@ fn bench_tick(secs: f64) {
             PollStatus::Busy
         });
     });
-    report("tick", work, ticks, elapsed, "polls");
+    report("tick", m, "polls");
 }
 
 fn bench_fake_io(secs: f64, batch: usize) {
     const DEPTH: usize = 128;
-    let (work, ticks, elapsed) = run(1, secs, move |c| {
+    let m = run(1, secs, move |c| {
         // A fixed ring of outstanding fake I/Os: complete BATCH, resubmit them.
         let mut slots = [0u64; DEPTH];
         let mut head = 0usize;
@@ -110,7 +125,7 @@ fn bench_fake_io(secs: f64, batch: usize) {
             PollStatus::Busy
         });
     });
-    report(&format!("fake_io{batch}"), work, ticks, elapsed, "IOs");
+    report(&format!("fake_io{batch}"), m, "IOs");
 }
 
 fn bench_ping_pong(secs: f64) {
@@ -122,15 +137,15 @@ fn bench_ping_pong(secs: f64) {
             })
         });
     }
-    let (work, ticks, elapsed) = run(2, secs, ping);
-    report("ping_pong", work, ticks, elapsed, "round trips");
+    let m = run(2, secs, ping);
+    report("ping_pong", m, "round trips");
 }
 
 fn bench_msg_stream(secs: f64) {
     thread_local! {
         static RECEIVED: Cell<u64> = const { Cell::new(0) };
     }
-    let (work, ticks, elapsed) = run(2, secs, |c| {
+    let m = run(2, secs, |c| {
         let mut sent = 0u64;
         reactor::register_poller("stream", move || {
             // Bound the queue so the receiver keeps up (STYLE rule 10); the receiver publishes
@@ -153,7 +168,7 @@ fn bench_msg_stream(secs: f64) {
             PollStatus::Busy
         });
     });
-    report("msg_stream", work, ticks, elapsed, "msgs");
+    report("msg_stream", m, "msgs");
 }
 
 struct Resubmit {
@@ -191,7 +206,7 @@ fn nop() -> Op {
 
 fn bench_nop(secs: f64, closures: bool) {
     const DEPTH: u64 = 128;
-    let (work, ticks, elapsed) = run(1, secs, move |c| {
+    let m = run(1, secs, move |c| {
         let ring = reactor::ring();
         if closures {
             fn resubmit(ring: Ring, c: Arc<AtomicU64>, n: Rc<Cell<u64>>) {
@@ -232,7 +247,7 @@ fn bench_nop(secs: f64, closures: bool) {
     } else {
         "nop_handler"
     };
-    report(name, work, ticks, elapsed, "ops");
+    report(name, m, "ops");
 }
 
 fn bench_read(secs: f64, fixed: bool) {
@@ -249,7 +264,7 @@ fn bench_read(secs: f64, fixed: bool) {
     for i in 0..64u64 {
         std::os::unix::fs::FileExt::write_all_at(&file, &opts_fill, i << 20).unwrap();
     }
-    let (work, ticks, elapsed) = run(1, secs, move |c| {
+    let m = run(1, secs, move |c| {
         let ring = reactor::ring();
         let fd = if fixed {
             ring.register_files(&[raw]).unwrap();
@@ -277,7 +292,7 @@ fn bench_read(secs: f64, fixed: bool) {
     });
     drop(file);
     let name = if fixed { "read4k_fixed" } else { "read4k_raw" };
-    report(name, work, ticks, elapsed, "IOs");
+    report(name, m, "IOs");
 }
 
 /// 4 KiB `O_DIRECT` reads at depth 32 from a file in /dev/shm (tmpfs), into pooled
@@ -305,7 +320,7 @@ fn bench_direct_read(secs: f64, fixed: bool) {
     std::fs::remove_file(&path).unwrap();
     file.set_len(SIZE).unwrap();
     let raw = file.as_raw_fd();
-    let (work, ticks, elapsed) = run(1, secs, move |c| {
+    let m = run(1, secs, move |c| {
         let ring = reactor::ring();
         if fixed {
             ring.register_buffers(DEPTH as usize, 4096).unwrap();
@@ -340,7 +355,7 @@ fn bench_direct_read(secs: f64, fixed: bool) {
     } else {
         "dio4k_dmabuf"
     };
-    report(name, work, ticks, elapsed, "IOs");
+    report(name, m, "IOs");
 }
 
 fn main() {

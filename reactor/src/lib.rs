@@ -47,13 +47,16 @@
 //! cross-reactor logic can be tested reproducibly. See its module docs for what the ring does
 //! there.
 
-//! # Cost (measured, release build, loaded 2-core VM)
+//! # Cost (measured, release build, shared 2-core VM)
 //!
-//! `cargo run --release -p reactor --example reactor_bench`: an empty tick with one poller
-//! ≈ 30 ns (30-35 M ticks/s), a poller completing one fake I/O per call 22-32 M ticks/s; the
-//! tick reads the clock only when timers or periodic pollers exist, and then only every few
-//! µs. Cross-core message stream ≈ 2.5 M msgs/s (one `Box` per message); io_uring NOPs at
-//! depth 128 ≈ 4.5 M ops/s; cached 4 KiB reads ≈ 0.9 M IOPS on one core.
+//! `cargo run --release -p reactor --example reactor_bench` prints rates per wall-second and
+//! per CPU-second of the reactor thread (the latter is what a loaded machine distorts least).
+//! An empty tick with one poller costs ≈ 10 ns of CPU (~100 M ticks per CPU-second; 30-35 M
+//! ticks/s wall when the machine was half idle); a poller completing one fake I/O per call
+//! ≈ 90 M ticks per CPU-second. The tick reads the clock only when timers or periodic pollers
+//! exist, and then only every few µs. A cross-core message costs one `Box` (≈ 15 M msgs per
+//! CPU-second of the sender); io_uring NOPs at depth 128 ≈ 8 M per CPU-second; cached 4 KiB
+//! reads ≈ 1.8-2 M IOPS per CPU-second.
 
 pub mod buf;
 pub mod cpu;
