@@ -12,9 +12,6 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
-echo "== cargo build --release (binaries the end-to-end tests drive)"
-cargo build --workspace --release --bins
-
 echo "== cargo test"
 # Tests that need a prerequisite fail (not skip) when it is missing under CI=true.
 cargo test --workspace --all-features -- --test-threads=2

@@ -6,11 +6,14 @@
 //! on the first, then either load `--json CONFIG` or (with `--wait-for-rpc`) wait for
 //! `framework_start_init`.
 //!
-//! Shutdown on SIGINT/SIGTERM: stop serving RPC (the socket is removed), finish the bdev
-//! modules (which close bdevs; pools commit), stop the reactors, exit 0.
+//! Shutdown on SIGINT/SIGTERM: stop serving RPC (the socket is removed), stop the exports
+//! (NVMe/TCP listeners and queue pairs, vhost controllers), finish the bdev modules (which
+//! close bdevs; pools commit), stop the reactors, exit 0.
 
 mod log;
 mod methods;
+mod nvmf_methods;
+mod vhost_methods;
 
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -130,11 +133,15 @@ fn run(args: Args) -> Result<(), String> {
     }
     let subsystems = Arc::new(Subsystems::new());
     methods::register_subsystems(&subsystems);
+    vhost::set_socket_dir(&args.vhost_sock_dir);
+    vhost_methods::register_subsystem(&subsystems);
     let start_init: rpc::framework::StartInit = Box::new(|| {
         bdev::init_modules().map_err(|e| RpcError::errno(e.errno(), format!("bdev modules: {e}")))
     });
+    let subsystems_for_nvmf = subsystems.clone();
     let framework = Framework::install(registry.clone(), subsystems, notifier.clone(), start_init);
     methods::register_bdev(&registry, &notifier);
+    methods::register_thin(&registry, &notifier);
 
     let server = RpcServer::listen(&args.rpc_socket, registry.clone())
         .map_err(|e| format!("RPC socket {}: {e}", args.rpc_socket.display()))?;
@@ -151,6 +158,8 @@ fn run(args: Args) -> Result<(), String> {
     .map_err(|e| format!("starting reactors on {}: {e}", args.cpumask))?;
     let handle = runtime.handle();
     methods::register_framework(&registry, handle.clone());
+    nvmf_methods::register_nvmf(&registry, &subsystems_for_nvmf, handle.clone());
+    vhost_methods::register_vhost(&registry, handle.clone());
 
     let init = if args.wait_for_rpc {
         log!(
@@ -209,6 +218,8 @@ fn shutdown(runtime: &Runtime) {
         let _ = handle.call(ReactorId::new(0), || {
             RPC_SERVER.with(|s| s.borrow_mut().take());
         });
+        nvmf::shutdown();
+        vhost::shutdown();
         bdev::fini_modules();
     }
     handle.stop();

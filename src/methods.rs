@@ -11,7 +11,13 @@ use rpc::{Registry, RpcError, StateMask};
 use serde_json::{json, Value};
 
 /// Notification types thind sends.
-pub const NOTIFY_TYPES: &[&str] = &["bdev_register", "bdev_unregister"];
+pub const NOTIFY_TYPES: &[&str] = &[
+    "bdev_register",
+    "bdev_unregister",
+    "thin_pool_low_water_mark",
+    "thin_pool_out_of_data_space",
+    "thin_pool_read_only",
+];
 
 /// Converts a bdev-layer error into SPDK's JSON-RPC error: parameter decoding failures are
 /// `-32602`, everything else `-errno` with the layer's message.
@@ -109,5 +115,49 @@ pub fn register_subsystems(subsystems: &Subsystems) {
         let mut cfg = bdev::registry().config_json();
         cfg.push(json!({ "method": "bdev_wait_for_examine" }));
         cfg
+    });
+}
+
+/// Registers the asynchronous `bdev_thin_*` methods and forwards the pools' events
+/// (low water mark, out of data space, read-only) to the notification ring.
+pub fn register_thin(registry: &Registry, notifier: &Arc<Notifier>) {
+    for (name, handler) in bdev::thin::rpc::rpc_methods() {
+        let notifier = notifier.clone();
+        registry.register(
+            name,
+            StateMask::RUNTIME,
+            "thin pool method (see README)",
+            move |params, resp| {
+                let notifier = notifier.clone();
+                let creates = name == "bdev_thin_create" || name == "bdev_thin_snapshot";
+                let deletes = name == "bdev_thin_delete";
+                let target = params
+                    .as_ref()
+                    .and_then(|p| p.get("name"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                handler(
+                    params.unwrap_or(Value::Null),
+                    Box::new(move |r| {
+                        if let Ok(v) = &r {
+                            if creates {
+                                if let Some(created) = v.as_str() {
+                                    notifier.send("bdev_register", created);
+                                }
+                            } else if deletes {
+                                if let Some(gone) = &target {
+                                    notifier.send("bdev_unregister", gone);
+                                }
+                            }
+                        }
+                        resp.send(r.map_err(|e| bdev_error(&e)));
+                    }),
+                );
+            },
+        );
+    }
+    let notifier = notifier.clone();
+    bdev::thin::subscribe(move |kind, pool| {
+        notifier.send(kind, pool);
     });
 }
