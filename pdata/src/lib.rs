@@ -1,19 +1,31 @@
-//! `pdata`: persistent data, byte-compatible with Linux dm-thin pool metadata.
+//! `pdata`: persistent data, byte-compatible with Linux dm-thin pool metadata
+//! (`../shared/spec/dm-thin-metadata.md`; acceptance oracle thin-provisioning-tools 0.9.0).
 //!
-//! Layers, bottom up (each only uses the ones below):
+//! Layers, bottom up (each uses only the ones below it):
 //!
 //! ```text
-//!  thin::PoolMetadata        superblock, device details, 2-level mapping tree, held root
-//!  btree                     copy-on-write B+tree (dm-btree node format), value-type refcounts
-//!  space_map                 data sm (index B-tree) and metadata sm (index block), in-core sm
-//!  transaction_manager       shadowing, shadow set, commit ordering
-//!  block_manager             bounded cache, locks, validators on read and write
-//!  block_io                  BlockIo: whole 4 KiB blocks + flush (file / memory)
+//!  thin::PoolMetadata     superblock, device details, 2-level mapping tree, held root,
+//!                         commit order (§13), time semantics (§11), read-only latch
+//!  btree                  copy-on-write B+tree (dm-btree nodes), value-type refcounts,
+//!                         top-down split / rebalance keeping every non-root ≥ max/3
+//!  space_map              SpaceMap trait; data sm (index B-tree) and metadata sm (index block)
+//!                         over one low-level overlay design (space_map::ll); in-core model
+//!  transaction_manager    shadow set, new_block, shadow with inc-children, metadata sm commit
+//!  block_manager          bounded clock cache, read locks, validators on read and write-out
+//!  block_io               BlockIo: whole 4 KiB blocks + flush (FileBlockIo, MemBlockIo)
 //! ```
 //!
-//! Format types (`codec`, `checksum`, `validator`, `*::format`, `thin::superblock`,
-//! `thin::device_details`, `thin::block_time`, `btree::node`) are separate from the logic.
-//! The on-disk format is documented in `../shared/spec/dm-thin-metadata.md`.
+//! Format types (`codec`, `checksum`, `validator`, `btree::node`, `space_map::format`,
+//! `thin::superblock`, `thin::device_details`, `thin::block_time`) are separate from the logic
+//! and decode untrusted bytes without panicking.
+//!
+//! Threading: everything here is single-owner (`&mut self`); `PoolMetadata` is `Send` so it
+//! can live on a metadata worker. The data path uses `try_find_block`, which never does I/O.
+//!
+//! Limits: B-tree depth [`btree::MAX_DEPTH`]; cache at least
+//! [`block_manager::MIN_CACHE_BLOCKS`]; metadata device 4,161,600 blocks; data blocks 2^40;
+//! thin ids 2^24; pool time 2^24 − 1 snapshots. Memory: the block cache, plus per open
+//! transaction one overlay entry per changed block count and the details of touched devices.
 
 pub mod block_io;
 pub mod block_manager;

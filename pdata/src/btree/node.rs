@@ -16,7 +16,7 @@
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 use crate::block_io::BLOCK_SIZE;
-use crate::codec::{le32_at, le64_at, Reader, Writer};
+use crate::codec::{le32_at, Reader, Writer};
 use crate::error::{err, ErrorKind, Result};
 use crate::validator::Validator;
 
@@ -198,7 +198,10 @@ impl<'a> NodeRef<'a> {
 
     /// Child block of internal entry `i`.
     pub fn child(&self, i: usize) -> Result<u64> {
-        le64_at(self.value(i)?, 0)
+        match <[u8; 8]>::try_from(self.value(i)?) {
+            Ok(b) => Ok(u64::from_le_bytes(b)),
+            Err(_) => err(ErrorKind::Corrupt, "child pointer is not 8 bytes"),
+        }
     }
 
     /// Largest `i` with `key(i) <= k`, or None if `k < key(0)` (or empty).

@@ -2,9 +2,22 @@
 //! transaction manager, the two space maps and the copy-on-write B-trees.
 //!
 //! One `PoolMetadata` owns the metadata device. It is `Send` (it may move to a metadata
-//! worker) but not shared: every operation takes `&mut self`. Changes are in memory / in
-//! shadowed blocks until [`PoolMetadata::commit`]; [`PoolMetadata::abort`] returns to the last
-//! commit.
+//! worker) but not shared: every operation takes `&mut self`. Changes live in shadowed blocks
+//! and in memory until [`PoolMetadata::commit`] (order: device details, data space map,
+//! metadata space map, every dirty block + FLUSH, superblock + FLUSH);
+//! [`PoolMetadata::abort`] returns to the last commit.
+//!
+//! Errors: argument and state errors (`NotFound`, `Exists`, `InvalidArgument`, `Busy`,
+//! `Limit` for the snapshot-time bound, `NoSpace` from `alloc_data_block`) leave everything
+//! unchanged. Any other failure of a mutation (I/O, corrupt metadata, metadata `NoSpace`)
+//! may leave it half applied, so the metadata latches read-only (`ReadOnly` for every later
+//! mutation, [`PoolMetadata::is_failed`]) until `abort` or a reopen; the caller should then
+//! [`PoolMetadata::set_needs_check`] as dm-thin does.
+//!
+//! Reference semantics follow the kernel: `insert_block` takes over a data reference the
+//! caller already holds (`alloc_data_block`, or `inc_data_block` for an existing block);
+//! snapshots share the origin's subtree (metadata `inc` of its root, no data count change);
+//! a lookup reports `shared` when the device was snapshotted after the mapping was written.
 
 pub mod block_time;
 pub mod check;
@@ -683,7 +696,8 @@ impl PoolMetadata {
 
     /// Map `(dev, block) -> data` at the current time. The caller already holds the data
     /// block's reference (as from `alloc_data_block`); an overwritten different block is
-    /// dec'd. Errors: `NotFound` (device), `InvalidArgument` (data block beyond the pool),
+    /// dec'd; re-mapping the same block drops the surplus reference. Errors: `NotFound`
+    /// (device), `InvalidArgument` (data block beyond the pool, or free: no reference held),
     /// `NoSpace` (metadata).
     pub fn insert_block(&mut self, dev: DevId, block: ThinBlock, data: DataBlock) -> Result<()> {
         self.guarded("insert_block", |s| s.insert_block_inner(dev, block, data))
