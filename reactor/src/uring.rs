@@ -51,8 +51,9 @@ pub fn ring() -> Ring {
     reactor::with_core(|core| core.ring.clone())
 }
 
-/// A submission the ring refused because `max_in_flight` ops are already in flight. The op
-/// and its callback are handed back untouched; retry after some complete.
+/// A submission the ring refused because `max_in_flight` ops are already in flight (retry
+/// after some complete) or because the reactor is shutting down. The op and its callback are
+/// handed back untouched.
 #[derive(Debug)]
 pub struct Rejected {
     /// The op, with its buffers.
@@ -63,7 +64,7 @@ pub struct Rejected {
 
 impl fmt::Display for Rejected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} rejected: too many ops in flight", self.op.name())
+        write!(f, "{} rejected: ring full or shutting down", self.op.name())
     }
 }
 
@@ -292,17 +293,14 @@ impl Ring {
 
     /// Queues `op`; `on_complete` runs from the reactor loop when it finishes (never inside
     /// this call). The SQE reaches the kernel at the end of the current tick. Errors with
-    /// [`Rejected`] (handing everything back) if `max_in_flight` ops are in flight.
+    /// [`Rejected`] (handing everything back) if `max_in_flight` ops are in flight or the
+    /// reactor is shutting down.
     ///
     /// Panics if a buffer is longer than `u32::MAX` or a vectored op has more than
     /// [`MAX_IOVECS`] buffers (programmer errors).
     pub fn submit(&self, op: Op, on_complete: OnComplete) -> Result<OpId, Rejected> {
         let inner = &*self.inner;
-        assert!(
-            !inner.closing.get(),
-            "submit on a ring that is shutting down"
-        );
-        if inner.ops.borrow().len() >= inner.max_in_flight {
+        if inner.closing.get() || inner.ops.borrow().len() >= inner.max_in_flight {
             return Err(Rejected { op, on_complete });
         }
         let generation = inner.next_generation.get().wrapping_add(1);
