@@ -389,3 +389,178 @@ fn thin_metadata_io_error_goes_read_only() {
     thin::delete_pool_blocking("fe_pool").unwrap();
     check_metadata(&rt, "fe_meta_base");
 }
+
+/// Calls an async thin RPC and waits for its single completion.
+fn rpc(method: &str, params: serde_json::Value) -> Result<serde_json::Value, bdev::BdevError> {
+    let f = thin::rpc_methods()
+        .into_iter()
+        .find(|(m, _)| *m == method)
+        .unwrap_or_else(|| panic!("no method {method}"))
+        .1;
+    let (tx, rx) = std::sync::mpsc::channel();
+    f(
+        params,
+        Box::new(move |r| {
+            tx.send(r).unwrap();
+        }),
+    );
+    let r = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(
+        rx.recv_timeout(Duration::from_millis(20)).is_err(),
+        "done called twice"
+    );
+    r
+}
+
+#[test]
+fn thin_rpc_methods_status_metadata_snap_resize_delete() {
+    use serde_json::json;
+    let rt = Rt::start(2, true);
+    thin::set_runtime(rt.h.clone());
+    malloc("rp_data", 16 << 20, 4096);
+    malloc("rp_meta", 2 << 20, 4096);
+    let e = rpc(
+        "bdev_thin_pool_create",
+        json!({"name": "rp_pool", "data_bdev": "rp_data",
+        "metadata_bdev": "rp_meta", "bogus": 1}),
+    )
+    .unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL);
+    let name = rpc(
+        "bdev_thin_pool_create",
+        json!({"name": "rp_pool", "data_bdev": "rp_data", "metadata_bdev": "rp_meta",
+               "data_block_size": 65536, "low_water_mark": 10, "zero_new_blocks": true,
+               "discard_passdown": true, "error_if_no_space": false, "commit_interval_ms": 100}),
+    )
+    .unwrap();
+    assert_eq!(name, json!("rp_pool"));
+    let cfg = bdev::registry().config_json();
+    assert!(cfg
+        .iter()
+        .any(|c| c["method"] == "bdev_thin_pool_create" && c["params"]["low_water_mark"] == 10));
+    assert_eq!(
+        rpc(
+            "bdev_thin_create",
+            json!({"pool": "rp_pool", "name": "rp_a", "size_in_mib": 2})
+        )
+        .unwrap(),
+        json!("rp_a")
+    );
+    let e = rpc(
+        "bdev_thin_create",
+        json!({"pool": "rp_pool", "name": "rp_a", "size_in_mib": 2}),
+    )
+    .unwrap_err();
+    assert_eq!(e.errno(), libc::EEXIST);
+    let e = rpc(
+        "bdev_thin_create",
+        json!({"pool": "rp_pool", "name": "rp_x", "size_in_mib": 1, "thin_id": 16777215}),
+    )
+    .unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL);
+    let a = open("rp_a");
+    assert_eq!(
+        write(&rt, 1, &a, 0, vec![3; DBS as usize * 2]),
+        IoStatus::Success
+    );
+    rpc(
+        "bdev_thin_snapshot",
+        json!({"thin_name": "rp_a", "snapshot_name": "rp_b"}),
+    )
+    .unwrap();
+    let snap = rpc(
+        "bdev_thin_pool_reserve_metadata_snap",
+        json!({"name": "rp_pool"}),
+    )
+    .unwrap();
+    let pools = rpc("bdev_thin_pool_get_pools", json!({"name": "rp_pool"})).unwrap();
+    let p = &pools[0];
+    assert_eq!(p["held_root"], snap);
+    assert_eq!(p["mode"], "rw");
+    assert_eq!(p["needs_check"], false);
+    assert_eq!(p["data_block_size"], 65536);
+    assert_eq!(p["total_data_blocks"], 256);
+    // Two blocks of rp_a (shared with rp_b) plus the label block.
+    assert_eq!(p["used_data_blocks"], 3);
+    let thins = p["thins"].as_array().unwrap();
+    assert_eq!(thins.len(), 2);
+    assert!(thins
+        .iter()
+        .all(|t| t["mapped_blocks"] == 2 && t["num_blocks"] == 512));
+    // Writes after the snapshot break sharing; the held metadata snapshot stays valid.
+    assert_eq!(
+        write(&rt, 0, &a, 0, vec![4; BS as usize]),
+        IoStatus::Success
+    );
+    let b = open("rp_b");
+    assert_eq!(ok(rt.io(0, &b, Req::Read(0, 1))), vec![3; BS as usize]);
+    assert_eq!(ok(rt.io(1, &a, Req::Read(1, 1))), vec![3; BS as usize]);
+    flush(&rt, 0, &a);
+    check_metadata(&rt, "rp_meta");
+    rpc(
+        "bdev_thin_pool_release_metadata_snap",
+        json!({"name": "rp_pool"}),
+    )
+    .unwrap();
+    let e = rpc(
+        "bdev_thin_pool_release_metadata_snap",
+        json!({"name": "rp_pool"}),
+    )
+    .unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL);
+    let e = rpc(
+        "bdev_thin_pool_set_transaction_id",
+        json!({"name": "rp_pool", "old_id": 5, "new_id": 6}),
+    )
+    .unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL);
+    rpc(
+        "bdev_thin_pool_set_transaction_id",
+        json!({"name": "rp_pool", "old_id": 0, "new_id": 7}),
+    )
+    .unwrap();
+    // Shrinking an open bdev is refused; closed, it unmaps past the new end.
+    let e = rpc(
+        "bdev_thin_resize",
+        json!({"name": "rp_b", "size_in_mib": 1}),
+    )
+    .unwrap_err();
+    assert_eq!(e.errno(), libc::EBUSY);
+    drop(b);
+    rpc(
+        "bdev_thin_resize",
+        json!({"name": "rp_a", "size_in_mib": 4}),
+    )
+    .unwrap();
+    drop(a);
+    rpc(
+        "bdev_thin_resize",
+        json!({"name": "rp_a", "size_in_mib": 1}),
+    )
+    .unwrap();
+    rpc("bdev_thin_delete", json!({"name": "rp_b"})).unwrap();
+    assert!(bdev::registry().lookup("rp_b").is_none());
+    let p = &rpc("bdev_thin_pool_get_pools", json!({})).unwrap()[0];
+    assert_eq!(p["transaction_id"], 7);
+    assert_eq!(p["held_root"], serde_json::Value::Null);
+    assert_eq!(p["thins"][0]["num_blocks"], 256);
+    assert_eq!(p["thins"][0]["mapped_blocks"], 2);
+    rpc("bdev_thin_pool_delete", json!({"name": "rp_pool"})).unwrap();
+    check_metadata(&rt, "rp_meta");
+    // Reopen: the thin bdev comes back with its new size and the transaction id.
+    rpc(
+        "bdev_thin_pool_create",
+        json!({"name": "rp_pool", "data_bdev": "rp_data",
+        "metadata_bdev": "rp_meta"}),
+    )
+    .unwrap();
+    let t = bdev::registry().lookup("rp_a").unwrap();
+    assert_eq!(t.num_blocks(), 256);
+    let p = &rpc("bdev_thin_pool_get_pools", json!({"name": "rp_pool"})).unwrap()[0];
+    assert_eq!(p["transaction_id"], 7);
+    rpc("bdev_thin_delete", json!({"name": "rp_a"})).unwrap();
+    let p = &rpc("bdev_thin_pool_get_pools", json!({"name": "rp_pool"})).unwrap()[0];
+    assert_eq!(p["used_data_blocks"], 1);
+    rpc("bdev_thin_pool_delete", json!({"name": "rp_pool"})).unwrap();
+    check_metadata(&rt, "rp_meta");
+}

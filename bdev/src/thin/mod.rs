@@ -737,7 +737,7 @@ pub fn pool_names() -> Vec<String> {
 pub fn set_transaction_id_blocking(name: &str, old: u64, new: u64) -> Result<()> {
     let p = lookup_pool(name)?;
     worker_call(&p, move |w| {
-        w.control(|w| {
+        w.control_no_labels(|w| {
             w.pmd
                 .set_transaction_id(old, new)
                 .map_err(|e| pdata_err(&e))
@@ -749,7 +749,7 @@ pub fn set_transaction_id_blocking(name: &str, old: u64, new: u64) -> Result<()>
 pub fn reserve_metadata_snap_blocking(name: &str) -> Result<u64> {
     let p = lookup_pool(name)?;
     worker_call(&p, |w| {
-        w.control(|w| {
+        w.control_no_labels(|w| {
             w.pmd
                 .reserve_metadata_snap()
                 .map(|b| b.0)
@@ -762,7 +762,7 @@ pub fn reserve_metadata_snap_blocking(name: &str) -> Result<u64> {
 pub fn release_metadata_snap_blocking(name: &str) -> Result<()> {
     let p = lookup_pool(name)?;
     worker_call(&p, |w| {
-        w.control(|w| w.pmd.release_metadata_snap().map_err(|e| pdata_err(&e)))
+        w.control_no_labels(|w| w.pmd.release_metadata_snap().map_err(|e| pdata_err(&e)))
     })?
 }
 

@@ -568,6 +568,22 @@ impl Worker {
         &mut self,
         f: impl FnOnce(&mut Worker) -> Result<T, BdevError>,
     ) -> Result<T, BdevError> {
+        self.control_with(true, f)
+    }
+
+    /// [`Worker::control`] for operations that leave the label table alone.
+    pub fn control_no_labels<T>(
+        &mut self,
+        f: impl FnOnce(&mut Worker) -> Result<T, BdevError>,
+    ) -> Result<T, BdevError> {
+        self.control_with(false, f)
+    }
+
+    fn control_with<T>(
+        &mut self,
+        labels: bool,
+        f: impl FnOnce(&mut Worker) -> Result<T, BdevError>,
+    ) -> Result<T, BdevError> {
         if self.is_read_only() {
             return Err(BdevError::new(
                 ErrorKind::Io(libc::EROFS),
@@ -578,7 +594,10 @@ impl Worker {
             .map_err(|e| BdevError::new(ErrorKind::Io(e), "thin pool: commit failed"))?;
         let saved = self.labels.clone();
         let r = f(self).and_then(|v| {
-            self.write_labels()?;
+            self.dirty = true;
+            if labels {
+                self.write_labels()?;
+            }
             self.commit()
                 .map_err(|e| BdevError::new(ErrorKind::Io(e), "thin pool: commit failed"))?;
             Ok(v)
@@ -662,7 +681,7 @@ impl Worker {
             )));
         }
         if new > old {
-            self.control(|w| w.pmd.resize_data_dev(new).map_err(|e| pdata_err(&e)))?;
+            self.control_no_labels(|w| w.pmd.resize_data_dev(new).map_err(|e| pdata_err(&e)))?;
             self.lwm_fired = false;
             if self.pmd.data_nr_free() > 0 {
                 if self.mode() == MODE_OUT_OF_DATA_SPACE {
