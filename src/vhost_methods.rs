@@ -12,7 +12,7 @@
 
 use reactor::RuntimeHandle;
 use rpc::config::Subsystems;
-use rpc::{Registry, RpcError, Responder, StateMask};
+use rpc::{Registry, Responder, RpcError, StateMask};
 use serde_json::Value;
 
 /// Registers every `vhost_*` method on `registry` (runtime state only, as in SPDK).
@@ -26,9 +26,7 @@ pub fn register_vhost(registry: &Registry, runtime: RuntimeHandle) {
             move |params: Option<Value>, resp: Responder| {
                 handler(
                     params.unwrap_or(Value::Null),
-                    Box::new(move |r| {
-                        resp.send(r.map_err(|e| RpcError::new(e.code, e.message)))
-                    }),
+                    Box::new(move |r| resp.send(r.map_err(|e| RpcError::new(e.code, e.message)))),
                 );
             },
         );
