@@ -539,6 +539,49 @@ mod suite {
         });
     }
 
+    /// Submissions are batched: 100 ops queued in one tick reach the kernel in one
+    /// `io_uring_enter`, and their completions are reaped without further enters.
+    pub fn one_enter_per_tick(interrupt_mode: bool) {
+        let enters = Arc::new(AtomicUsize::new(usize::MAX));
+        let e = enters.clone();
+        with_runtime(options(1, interrupt_mode), |h| {
+            h.call(R0, move || {
+                let ring = reactor::ring();
+                let before = ring.stats().nr_enters;
+                let left = Rc::new(Cell::new(100));
+                for _ in 0..100 {
+                    let (ring2, left, e) = (ring.clone(), left.clone(), e.clone());
+                    ring.submit(
+                        Op::Nop,
+                        OnComplete::closure(move |c: Completion| {
+                            assert_eq!(c.result, 0);
+                            left.set(left.get() - 1);
+                            if left.get() == 0 {
+                                let used = ring2.stats().nr_enters - before;
+                                e.store(used as usize, Ordering::SeqCst);
+                            }
+                        }),
+                    )
+                    .unwrap();
+                }
+                assert_eq!(
+                    ring.stats().nr_enters,
+                    before,
+                    "submit itself does not enter"
+                );
+            })
+            .unwrap();
+            wait_until("100 nops", Duration::from_secs(5), || {
+                enters.load(Ordering::SeqCst) != usize::MAX
+            });
+        });
+        let used = enters.load(Ordering::SeqCst);
+        assert!(
+            (1..=2).contains(&used),
+            "{used} io_uring_enter calls for 100 ops"
+        );
+    }
+
     /// An abandoned read keeps its buffer until its CQE: the buffer goes back to the pool only
     /// then, and holds what the kernel wrote if the read won the race with the cancel.
     pub fn abandoned_op_keeps_buffer_until_cqe(interrupt_mode: bool) {
@@ -800,6 +843,7 @@ both_modes!(
     uring_file_round_trip,
     handler_batching_and_limits,
     registered_buffers,
+    one_enter_per_tick,
     abandoned_op_keeps_buffer_until_cqe,
     slab_empty_at_shutdown,
     io_channels_and_for_each,
