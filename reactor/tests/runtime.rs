@@ -582,6 +582,47 @@ mod suite {
         );
     }
 
+    /// A completion that arrives while the reactor is idle (asleep in interrupt mode) runs
+    /// its callback promptly: a pipe read completes when another thread writes the pipe.
+    pub fn idle_reactor_runs_late_completion(interrupt_mode: bool) {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let [rd, wr] = fds;
+        let got = Arc::new(Mutex::new(None));
+        let g = got.clone();
+        with_runtime(options(1, interrupt_mode), |h| {
+            h.call(R0, move || {
+                reactor::ring()
+                    .read_at(rd, 0, DmaBuf::alloc(3), move |res, buf| {
+                        *g.lock().unwrap() = Some((res.unwrap(), buf.to_vec(), Instant::now()));
+                    })
+                    .unwrap();
+            })
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+            assert!(got.lock().unwrap().is_none());
+            let written = Instant::now();
+            // SAFETY: writes 3 bytes from a valid array to our pipe.
+            assert_eq!(unsafe { libc::write(wr, b"abc".as_ptr().cast(), 3) }, 3);
+            wait_until("late completion", Duration::from_secs(2), || {
+                got.lock().unwrap().is_some()
+            });
+            let (n, data, at) = got.lock().unwrap().take().unwrap();
+            assert_eq!((n, data.as_slice()), (3, &b"abc"[..]));
+            let latency = at.duration_since(written);
+            assert!(
+                latency < Duration::from_millis(500),
+                "woke after {latency:?}"
+            );
+        });
+        // SAFETY: closing fds we own.
+        unsafe {
+            libc::close(rd);
+            libc::close(wr);
+        }
+    }
+
     /// An abandoned read keeps its buffer until its CQE: the buffer goes back to the pool only
     /// then, and holds what the kernel wrote if the read won the race with the cancel.
     pub fn abandoned_op_keeps_buffer_until_cqe(interrupt_mode: bool) {
@@ -844,6 +885,7 @@ both_modes!(
     handler_batching_and_limits,
     registered_buffers,
     one_enter_per_tick,
+    idle_reactor_runs_late_completion,
     abandoned_op_keeps_buffer_until_cqe,
     slab_empty_at_shutdown,
     io_channels_and_for_each,
