@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p pdata --example scale -- [--mappings N] [--cache-blocks C]
-//!     [--devices D] [--file PATH]
+//!     [--devices D] [--commit-every N] [--file PATH]
 //! ```
 //!
 //! Open time is measured on the full pool and on a small pool in the same run (it must not
@@ -19,6 +19,7 @@ use pdata::FileBlockIo;
 
 struct Args {
     mappings: u64,
+    commit_every: u64,
     cache_blocks: usize,
     devices: u64,
     file: PathBuf,
@@ -27,6 +28,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         mappings: 10_000_000,
+        commit_every: 1_000_000,
         cache_blocks: 4096,
         devices: 4,
         file: std::env::temp_dir().join("pdata-scale.meta"),
@@ -37,6 +39,7 @@ fn parse_args() -> Result<Args, String> {
         let num = || val.parse::<u64>().map_err(|e| format!("{flag} {val}: {e}"));
         match flag.as_str() {
             "--mappings" => a.mappings = num()?,
+            "--commit-every" => a.commit_every = num()?.max(1),
             "--cache-blocks" => a.cache_blocks = num()? as usize,
             "--devices" => a.devices = num()?.max(1),
             "--file" => a.file = PathBuf::from(&val),
@@ -100,7 +103,7 @@ fn build(a: &Args, path: &PathBuf, mappings: u64, opts: CacheOpts) -> Res<(Durat
             let b = m.alloc_data_block()?;
             m.insert_block(DevId(d), ThinBlock(v), b)?;
             done += 1;
-            if done.is_multiple_of(1_000_000) {
+            if done.is_multiple_of(a.commit_every) {
                 m.commit()?;
                 eprintln!("  {done} mappings, peak RSS {} MiB", peak_rss_kib() / 1024);
             }
@@ -112,11 +115,19 @@ fn build(a: &Args, path: &PathBuf, mappings: u64, opts: CacheOpts) -> Res<(Durat
     Ok((inserts, t.elapsed()))
 }
 
+/// Opens the pool five times and returns the fastest open (warm page cache) and the pool.
 fn time_open(path: &PathBuf, opts: CacheOpts) -> Res<(Duration, PoolMetadata)> {
+    let mut best = Duration::MAX;
+    for _ in 0..4 {
+        let io = open_file(path, 0, false)?;
+        let t = Instant::now();
+        drop(PoolMetadata::open(io, 128, opts)?);
+        best = best.min(t.elapsed());
+    }
     let io = open_file(path, 0, false)?;
     let t = Instant::now();
     let m = PoolMetadata::open(io, 128, opts)?;
-    Ok((t.elapsed(), m))
+    Ok((best.min(t.elapsed()), m))
 }
 
 fn lookups(m: &mut PoolMetadata, a: &Args, per_dev: u64, hot: bool, n: u64) -> Res<Duration> {

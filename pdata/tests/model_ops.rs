@@ -122,8 +122,8 @@ fn run(seed: u64, nr_ops: u64, cache_blocks: usize, w: &Workload, stats: &mut Ru
 #[test]
 fn pool_metadata_matches_model() {
     let seed = Rng::seed_from_env("PDATA_SEED");
-    let runs = env_or("PDATA_MODEL_RUNS", 12);
-    let nr_ops = env_or("PDATA_MODEL_OPS", 600);
+    let runs = env_or("PDATA_MODEL_RUNS", 10);
+    let nr_ops = env_or("PDATA_MODEL_OPS", 500);
     println!("model_ops: seed {seed} (PDATA_SEED={seed} replays), {runs} runs x {nr_ops} ops");
     let mut stats = RunStats {
         ops: 0,
