@@ -24,32 +24,27 @@ fn guest_run_bin() -> PathBuf {
 /// The ext4 modules of the guest kernel (guest-run bundles only virtio/NVMe ones).
 fn ext4_modules() -> Vec<PathBuf> {
     let cache = std::env::var("GUEST_RUN_CACHE").unwrap_or_else(|_| "/var/cache/guest-run".into());
-    let mut found = Vec::new();
-    let Ok(rd) = std::fs::read_dir(&cache) else {
-        return found;
-    };
-    for e in rd.flatten() {
-        let mods = e.path().join("tree/lib/modules");
-        let Ok(kvers) = std::fs::read_dir(&mods) else {
-            continue;
-        };
-        for k in kvers.flatten() {
-            let base = k.path().join("kernel");
-            let list = [
-                "crypto/crc32c_generic.ko",
-                "lib/crc16.ko",
-                "fs/mbcache.ko",
-                "fs/jbd2/jbd2.ko",
-                "fs/ext4/ext4.ko",
-            ];
-            let paths: Vec<PathBuf> = list.iter().map(|m| base.join(m)).collect();
+    let list = [
+        "crypto/crc32c_generic.ko",
+        "lib/crc16.ko",
+        "fs/mbcache.ko",
+        "fs/jbd2/jbd2.ko",
+        "fs/ext4/ext4.ko",
+    ];
+    let kernels = std::fs::read_dir(&cache).into_iter().flatten().flatten();
+    for kernel in kernels {
+        let versions = std::fs::read_dir(kernel.path().join("tree/lib/modules"));
+        for v in versions.into_iter().flatten().flatten() {
+            let paths: Vec<PathBuf> = list
+                .iter()
+                .map(|m| v.path().join("kernel").join(m))
+                .collect();
             if paths.iter().all(|p| p.exists()) {
                 return paths;
             }
         }
     }
-    found.clear();
-    found
+    Vec::new()
 }
 
 const PRELUDE: &str = r#"#!/bin/bash
