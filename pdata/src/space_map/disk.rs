@@ -40,8 +40,8 @@ impl DataSm {
         Ok(sm)
     }
 
-    /// Open from a committed root: loads the index entries (O(number of bitmaps)) and
-    /// recounts `nr_allocated` from the bitmaps.
+    /// Open from a committed root: loads the index entries (O(number of bitmaps), no bitmap
+    /// is read) and takes `nr_allocated` from the root.
     pub fn open(bm: &mut BlockManager, root: &SmRoot) -> Result<DataSm> {
         if root.nr_blocks > MAX_DATA_BLOCKS {
             return err(
@@ -65,7 +65,9 @@ impl DataSm {
         }
         index.truncate(nr_bitmaps(root.nr_blocks));
         let mut ll = LowLevel::open(root.nr_blocks, index, root.ref_count_root)?;
-        ll.recount_allocated(bm)?;
+        // Trust the stored count (recounting would read every bitmap: O(pool size)); clamp it
+        // so a damaged value cannot underflow the free count.
+        ll.nr_allocated = root.nr_allocated.min(root.nr_blocks);
         Ok(DataSm {
             ll,
             index_root: root.bitmap_root,
