@@ -329,6 +329,43 @@ fn check_range(l: &Limits, sector: u64, len: u64) -> Result<u64, Reject> {
     }
 }
 
+/// Decodes the single segment of a DISCARD (`discard`) or WRITE_ZEROES request.
+fn decode_dwz(
+    mem: &GuestMemoryMmap<()>,
+    chain: &Chain,
+    l: &Limits,
+    discard: bool,
+) -> Result<BlkOp, Reject> {
+    if (discard && !l.discard) || (!discard && !l.write_zeroes) {
+        return Err(Reject::Unsupp);
+    }
+    if l.readonly || total_len(&chain.readable) - HEADER_LEN != DWZ_SEG_LEN {
+        return Err(Reject::IoErr);
+    }
+    let mut seg = [0u8; 16];
+    if !gather(mem, &chain.readable, HEADER_LEN, &mut seg) {
+        return Err(Reject::IoErr);
+    }
+    let (s, rest) = seg.split_at(8);
+    let (n, f) = rest.split_at(4);
+    let sector = u64::from_le_bytes(s.try_into().unwrap_or_default());
+    let n = u32::from_le_bytes(n.try_into().unwrap_or_default());
+    let flags = u32::from_le_bytes(f.try_into().unwrap_or_default());
+    if flags & !virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || (discard && flags != 0) {
+        return Err(Reject::Unsupp);
+    }
+    if n > MAX_DWZ_SECTORS {
+        return Err(Reject::IoErr);
+    }
+    let len = u64::from(n) * SECTOR_SIZE;
+    let offset = check_range(l, sector, len)?;
+    Ok(if discard {
+        BlkOp::Discard { offset, len }
+    } else {
+        BlkOp::WriteZeroes { offset, len }
+    })
+}
+
 /// Decodes a chain into a [`BlkOp`]. The chain must have at least a 16-byte readable header
 /// and a writable status byte (checked by the caller).
 pub fn decode(mem: &GuestMemoryMmap<()>, chain: &Chain, l: &Limits) -> Result<BlkOp, Reject> {
@@ -371,36 +408,7 @@ pub fn decode(mem: &GuestMemoryMmap<()>, chain: &Chain, l: &Limits) -> Result<Bl
         }
         virtio_blk::VIRTIO_BLK_T_GET_ID => Ok(BlkOp::GetId),
         virtio_blk::VIRTIO_BLK_T_DISCARD | virtio_blk::VIRTIO_BLK_T_WRITE_ZEROES => {
-            let discard = req_type == virtio_blk::VIRTIO_BLK_T_DISCARD;
-            if (discard && !l.discard) || (!discard && !l.write_zeroes) {
-                return Err(Reject::Unsupp);
-            }
-            if l.readonly || readable_data != DWZ_SEG_LEN {
-                return Err(Reject::IoErr);
-            }
-            let mut seg = [0u8; 16];
-            if !gather(mem, &chain.readable, HEADER_LEN, &mut seg) {
-                return Err(Reject::IoErr);
-            }
-            let s = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
-            let n = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
-            let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
-            if flags & !virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
-                return Err(Reject::Unsupp);
-            }
-            if discard && flags != 0 {
-                return Err(Reject::Unsupp);
-            }
-            if n > MAX_DWZ_SECTORS {
-                return Err(Reject::IoErr);
-            }
-            let len = u64::from(n) * SECTOR_SIZE;
-            let offset = check_range(l, s, len)?;
-            Ok(if discard {
-                BlkOp::Discard { offset, len }
-            } else {
-                BlkOp::WriteZeroes { offset, len }
-            })
+            decode_dwz(mem, chain, l, req_type == virtio_blk::VIRTIO_BLK_T_DISCARD)
         }
         _ => Err(Reject::Unsupp),
     }

@@ -99,6 +99,13 @@ fn blk_round_trips() {
     let (st, back) = fe.read(72, 4096);
     assert_eq!(st, S_OK);
     assert_eq!(back.len(), 4096);
+    // SPDK refuses to delete a controller with a connected frontend.
+    let e = call("vhost_delete_controller", json!({"ctrlr": "vrt.0"})).unwrap_err();
+    assert_eq!(e.code, -libc::EBUSY);
+    assert!(
+        fe.fe.get_features().is_ok(),
+        "session survives the refused delete"
+    );
     drop(fe);
     delete_when_idle("vrt.0");
 }
