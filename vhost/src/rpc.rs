@@ -115,8 +115,8 @@ fn create_blk_controller(p: Value, done: VhostRpcDone) {
     done(create(p));
 }
 
-fn create(p: Value) -> Result<Value, VhostRpcError> {
-    let p: CreateParams = parse(p)?;
+/// Checks what `vhost_create_blk_controller` can check before touching anything.
+fn validate(p: &CreateParams) -> Result<(), VhostRpcError> {
     if p.packed_ring {
         return Err(VhostRpcError::errno(
             libc::ENOTSUP,
@@ -137,6 +137,35 @@ fn create(p: Value) -> Result<Value, VhostRpcError> {
             format!("invalid controller name '{}'", p.ctrlr),
         ));
     }
+    Ok(())
+}
+
+/// Opens the bdev; its resize and remove events go to the controller's home reactor.
+fn open_bdev(
+    p: &CreateParams,
+    rt: &RuntimeHandle,
+    id: u64,
+    home: ReactorId,
+    num_blocks: &Arc<AtomicU64>,
+) -> Result<BdevDesc, VhostRpcError> {
+    let (nb, rt2) = (num_blocks.clone(), rt.clone());
+    let desc = BdevDesc::open(&p.dev_name, !p.readonly, move |ev| match ev {
+        BdevEvent::Resize { num_blocks } => {
+            nb.store(num_blocks, Ordering::Relaxed);
+            rt2.send_msg(home, move || device::config_changed(id));
+        }
+        BdevEvent::Remove => rt2.send_msg(home, move || device::bdev_removed(id)),
+    })
+    .map_err(|e| {
+        VhostRpcError::errno(e.errno(), format!("cannot open bdev {}: {e}", p.dev_name))
+    })?;
+    num_blocks.store(desc.bdev().num_blocks(), Ordering::Relaxed);
+    Ok(desc)
+}
+
+fn create(p: Value) -> Result<Value, VhostRpcError> {
+    let p: CreateParams = parse(p)?;
+    validate(&p)?;
     let rt = runtime()?;
     let (reactors, cpumask) = mask_reactors(&rt, p.cpumask.as_deref())?;
     let socket = globals().socket_dir.join(&p.ctrlr);
@@ -149,20 +178,8 @@ fn create(p: Value) -> Result<Value, VhostRpcError> {
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let num_blocks = Arc::new(AtomicU64::new(0));
-    let (nb, rt2) = (num_blocks.clone(), rt.clone());
-    let home = reactors[0];
-    let desc = BdevDesc::open(&p.dev_name, !p.readonly, move |ev| match ev {
-        BdevEvent::Resize { num_blocks } => {
-            nb.store(num_blocks, Ordering::Relaxed);
-            rt2.send_msg(home, move || device::config_changed(id));
-        }
-        BdevEvent::Remove => rt2.send_msg(home, move || device::bdev_removed(id)),
-    })
-    .map_err(|e| {
-        VhostRpcError::errno(e.errno(), format!("cannot open bdev {}: {e}", p.dev_name))
-    })?;
+    let desc = open_bdev(&p, &rt, id, reactors[0], &num_blocks)?;
     let b = desc.bdev().clone();
-    num_blocks.store(b.num_blocks(), Ordering::Relaxed);
     let listener = Listener::new(&socket, true).map_err(|e| {
         VhostRpcError::errno(libc::EIO, format!("socket {}: {e}", socket.display()))
     })?;
