@@ -73,16 +73,18 @@ pub struct Clock {
 
 impl Clock {
     /// Measures the tick rate against `Instant` over `window` (20 ms is plenty for 4
-    /// significant digits on an invariant TSC).
+    /// significant digits on an invariant TSC). Each end of the window is the tightest of a
+    /// few (Instant, ticks, Instant) brackets, so a preemption between two reads on a busy
+    /// machine does not skew the rate.
     pub fn calibrate(window: Duration) -> Clock {
         if !uses_tsc() {
             return Clock {
                 ticks_per_us: 1000.0,
             };
         }
-        let (i0, t0) = (Instant::now(), ticks());
+        let (i0, t0) = paired_reading();
         std::thread::sleep(window);
-        let (t1, i1) = (ticks(), Instant::now());
+        let (i1, t1) = paired_reading();
         let us = (i1 - i0).as_secs_f64() * 1e6;
         let rate = t1.wrapping_sub(t0) as f64 / us;
         Clock {
@@ -102,6 +104,25 @@ impl Clock {
     /// Seconds in ticks.
     pub fn from_secs(self, secs: f64) -> u64 {
         (secs * 1e6 * self.ticks_per_us) as u64
+    }
+}
+
+/// An `Instant` and a tick count taken together: the bracket (Instant, ticks, Instant) with
+/// the shortest span out of a few, reported at its midpoint.
+fn paired_reading() -> (Instant, u64) {
+    let mut best: Option<(Duration, Instant, u64)> = None;
+    for _ in 0..16 {
+        let a = Instant::now();
+        let t = ticks();
+        let b = Instant::now();
+        let span = b - a;
+        if best.is_none_or(|(s, _, _)| span < s) {
+            best = Some((span, a + span / 2, t));
+        }
+    }
+    match best {
+        Some((_, at, t)) => (at, t),
+        None => (Instant::now(), ticks()),
     }
 }
 

@@ -120,7 +120,12 @@ fn check_sane(run: &Run, name: &str, workload: &str) {
     let iops = job["iops"].as_f64().unwrap();
     assert!(iops > 100.0, "iops {iops}");
     let runtime = job["runtime"].as_f64().unwrap();
-    assert!((0.9..3.0).contains(&runtime), "runtime {runtime}");
+    // Loose upper bound: on a loaded machine the last I/O may complete late.
+    assert!(
+        (0.9..10.0).contains(&runtime),
+        "runtime {runtime}\n{}",
+        run.stdout
+    );
     let mibps = job["mibps"].as_f64().unwrap();
     let io_size = job["io_size"].as_f64().unwrap();
     assert!(
