@@ -150,9 +150,9 @@ mod tests {
     #[test]
     fn ticks_are_monotonic_and_calibration_matches_instant() {
         let clock = Clock::calibrate(Duration::from_millis(20));
-        let (i0, t0) = (Instant::now(), ticks());
+        let (i0, t0) = paired_reading();
         std::thread::sleep(Duration::from_millis(30));
-        let (t1, i1) = (ticks(), Instant::now());
+        let (i1, t1) = paired_reading();
         assert!(t1 > t0);
         let measured_us = clock.to_us(t1 - t0);
         let real_us = (i1 - i0).as_secs_f64() * 1e6;
