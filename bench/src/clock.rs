@@ -166,7 +166,10 @@ mod tests {
 
     #[test]
     fn reading_the_clock_is_cheap() {
-        let (tick_ns, _instant_ns) = measure_cost_ns(100_000);
+        // Best of several rounds, so a preemption on a busy machine does not count.
+        let tick_ns = (0..10)
+            .map(|_| measure_cost_ns(20_000).0)
+            .fold(f64::INFINITY, f64::min);
         // Generous for a loaded shared machine and the unoptimised test profile.
         assert!(tick_ns < 200.0, "ticks() costs {tick_ns} ns");
     }
