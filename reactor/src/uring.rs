@@ -945,6 +945,18 @@ fn build_sqe(entry: &mut InFlight) -> squeue::Entry {
             .offset(*offset)
             .mode(*mode)
             .build()),
+        Op::Recv { .. }
+        | Op::Send { .. }
+        | Op::Accept { .. }
+        | Op::Connect { .. }
+        | Op::PollAdd { .. } => build_socket_sqe(entry),
+        Op::Close { fd } => opcode::Close::new(types::Fd(*fd)).build(),
+    }
+}
+
+/// The socket half of [`build_sqe`].
+fn build_socket_sqe(entry: &mut InFlight) -> squeue::Entry {
+    match &mut entry.op {
         Op::Recv { fd, buf, flags } => {
             let (ptr, len) = (buf.as_mut_ptr(), len_u32(buf.len()));
             with_fd!(*fd, t => opcode::Recv::new(t, ptr, len).flags(*flags).build())
@@ -973,7 +985,7 @@ fn build_sqe(entry: &mut InFlight) -> squeue::Entry {
         Op::PollAdd { fd, events } => {
             with_fd!(*fd, t => opcode::PollAdd::new(t, *events).build())
         }
-        Op::Close { fd } => opcode::Close::new(types::Fd(*fd)).build(),
+        _ => unreachable!("build_socket_sqe called for {}", entry.op.name()),
     }
 }
 
@@ -1107,4 +1119,35 @@ fn execute_sync(op: &mut Op) -> i32 {
         }
     };
     errno_result(ret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses_are_encoded_in_network_order() {
+        let v4: SocketAddr = "127.0.0.1:4420".parse().unwrap();
+        let a = sockaddr_of(&v4);
+        assert_eq!(a.len as usize, std::mem::size_of::<libc::sockaddr_in>());
+        // SAFETY: sockaddr_of wrote a sockaddr_in at the start of the storage.
+        let sin =
+            unsafe { &*(&a.storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+        assert_eq!(sin.sin_family, libc::AF_INET as libc::sa_family_t);
+        assert_eq!(u16::from_be(sin.sin_port), 4420);
+        assert_eq!(sin.sin_addr.s_addr.to_ne_bytes(), [127, 0, 0, 1]);
+
+        let v6: SocketAddr = "[::1]:8009".parse().unwrap();
+        let a = sockaddr_of(&v6);
+        assert_eq!(a.len as usize, std::mem::size_of::<libc::sockaddr_in6>());
+        // SAFETY: sockaddr_of wrote a sockaddr_in6 at the start of the storage.
+        let sin6 =
+            unsafe { &*(&a.storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+        assert_eq!(sin6.sin6_family, libc::AF_INET6 as libc::sa_family_t);
+        assert_eq!(u16::from_be(sin6.sin6_port), 8009);
+        assert_eq!(
+            sin6.sin6_addr.s6_addr,
+            std::net::Ipv6Addr::LOCALHOST.octets()
+        );
+    }
 }

@@ -626,6 +626,132 @@ mod suite {
         }
     }
 
+    fn on(f: impl FnOnce(Completion) + 'static) -> OnComplete {
+        OnComplete::closure(f)
+    }
+
+    /// Socket ops over loopback: accept + connect, send, poll for readability, recv, echo.
+    pub fn loopback_socket_ops(interrupt_mode: bool) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let lfd = listener.as_raw_fd();
+        // SAFETY: plain socket(2) call; the fd is closed below.
+        let cfd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(cfd >= 0);
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let l = log.clone();
+        with_runtime(options(1, interrupt_mode), |h| {
+            h.call(R0, move || {
+                let ring = reactor::ring();
+                let (r, l1) = (ring.clone(), l.clone());
+                // Server: accept, wait until readable, recv, send the bytes back reversed.
+                ring.submit(
+                    Op::Accept { fd: Fd::Raw(lfd) },
+                    on(move |c| {
+                        let sfd = Fd::Raw(c.io_result().unwrap() as i32);
+                        l1.lock().unwrap().push("accepted".into());
+                        let (r2, l2) = (r.clone(), l1.clone());
+                        let events = libc::POLLIN as u32;
+                        let poll = Op::PollAdd { fd: sfd, events };
+                        r.submit(
+                            poll,
+                            on(move |c| {
+                                assert_ne!(c.io_result().unwrap() as u32 & events, 0);
+                                let (r3, l3) = (r2.clone(), l2.clone());
+                                let recv = Op::Recv {
+                                    fd: sfd,
+                                    buf: DmaBuf::alloc(5),
+                                    flags: 0,
+                                };
+                                r2.submit(
+                                    recv,
+                                    on(move |c| {
+                                        assert_eq!(c.io_result().unwrap(), 5);
+                                        let mut buf = c.into_buf().unwrap();
+                                        l3.lock()
+                                            .unwrap()
+                                            .push(String::from_utf8(buf.to_vec()).unwrap());
+                                        buf.reverse();
+                                        let send = Op::Send {
+                                            fd: sfd,
+                                            buf,
+                                            flags: 0,
+                                        };
+                                        r3.submit(
+                                            send,
+                                            on(move |c| {
+                                                assert_eq!(c.io_result().unwrap(), 5);
+                                                let Fd::Raw(raw) = sfd else { unreachable!() };
+                                                // SAFETY: closing the accepted fd we own.
+                                                unsafe { libc::close(raw) };
+                                            }),
+                                        )
+                                        .unwrap();
+                                    }),
+                                )
+                                .unwrap();
+                            }),
+                        )
+                        .unwrap();
+                    }),
+                )
+                .unwrap();
+                // Client: connect, send, receive the echo.
+                let (r, l1) = (ring.clone(), l.clone());
+                ring.submit(
+                    Op::Connect {
+                        fd: Fd::Raw(cfd),
+                        addr,
+                    },
+                    on(move |c| {
+                        c.io_result().unwrap();
+                        let (r2, l2) = (r.clone(), l1.clone());
+                        let buf = DmaBuf::from_slice(b"hello");
+                        r.submit(
+                            Op::Send {
+                                fd: Fd::Raw(cfd),
+                                buf,
+                                flags: 0,
+                            },
+                            on(move |c| {
+                                assert_eq!(c.io_result().unwrap(), 5);
+                                let recv = Op::Recv {
+                                    fd: Fd::Raw(cfd),
+                                    buf: DmaBuf::alloc(5),
+                                    flags: libc::MSG_WAITALL,
+                                };
+                                r2.submit(
+                                    recv,
+                                    on(move |c| {
+                                        assert_eq!(c.io_result().unwrap(), 5);
+                                        let buf = c.into_buf().unwrap();
+                                        l2.lock().unwrap().push(format!(
+                                            "echo {}",
+                                            String::from_utf8_lossy(&buf)
+                                        ));
+                                    }),
+                                )
+                                .unwrap();
+                            }),
+                        )
+                        .unwrap();
+                    }),
+                )
+                .unwrap();
+            })
+            .unwrap();
+            wait_until("echo", Duration::from_secs(5), || {
+                log.lock().unwrap().len() == 3
+            });
+        });
+        let mut log = log.lock().unwrap().clone();
+        log.sort();
+        assert_eq!(log, ["accepted", "echo olleh", "hello"]);
+        // SAFETY: closing the client fd we own.
+        unsafe { libc::close(cfd) };
+        drop(listener);
+    }
+
     /// An abandoned read keeps its buffer until its CQE: the buffer goes back to the pool only
     /// then, and holds what the kernel wrote if the read won the race with the cancel.
     pub fn abandoned_op_keeps_buffer_until_cqe(interrupt_mode: bool) {
@@ -889,6 +1015,7 @@ both_modes!(
     registered_buffers,
     one_enter_per_tick,
     idle_reactor_runs_late_completion,
+    loopback_socket_ops,
     abandoned_op_keeps_buffer_until_cqe,
     slab_empty_at_shutdown,
     io_channels_and_for_each,
