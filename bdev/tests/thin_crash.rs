@@ -178,7 +178,7 @@ fn thin_crash_consistency_every_metadata_prefix() {
     let rt = Rt::start(2, true);
     thin::set_runtime(rt.h.clone());
     malloc("ct_meta_base", 1 << 20);
-    malloc("ct_data_base", 64 * DBS);
+    malloc("ct_data_base", 192 * DBS); // above the reserve floor: shards get batches
     let meta: Arc<RecordBdev> = record::create("ct_meta", "ct_meta_base", None).unwrap();
     let data: Arc<RecordBdev> = record::create("ct_data", "ct_data_base", None).unwrap();
     let mut o = PoolOpts::new("ct_pool", "ct_data", "ct_meta");

@@ -393,7 +393,7 @@ fn open_pool(opts: PoolOpts, rt: RuntimeHandle) -> Result<(Worker, mpsc::Receive
         .unwrap_or_else(|e| e.into_inner())
         .insert(shared.name.clone(), shared.clone());
     for (id, l) in thins {
-        if let Err(e) = register_thin(&shared, id, &l) {
+        if let Err(e) = register_thin(&shared, id, &l, false) {
             eprintln!(
                 "thin pool '{}': cannot register thin '{}': {e}",
                 shared.name, l.name
@@ -476,7 +476,14 @@ fn register_pool_bdev(shared: &Arc<PoolShared>) -> Result<()> {
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
-fn register_thin(shared: &Arc<PoolShared>, id: u64, l: &Label) -> Result<Arc<ThinBdev>> {
+/// `fresh`: the device was just created empty, so its shard may treat a lookup-cache miss as
+/// "unmapped" until the cache overflows.
+fn register_thin(
+    shared: &Arc<PoolShared>,
+    id: u64,
+    l: &Label,
+    fresh: bool,
+) -> Result<Arc<ThinBdev>> {
     let bs = u64::from(l.block_size);
     let data_bs = u64::from(shared.data_bdev.block_size());
     if !(bs == 512 || bs == 4096) || !bs.is_multiple_of(data_bs) {
@@ -506,6 +513,7 @@ fn register_thin(shared: &Arc<PoolShared>, id: u64, l: &Label) -> Result<Arc<Thi
         bs,
         bpd,
         data_bs,
+        fresh,
     });
     let b = Arc::new(ThinBdev::new(core, t));
     registry().register(b.clone())?;
@@ -565,7 +573,7 @@ pub fn create_thin_blocking(
             Ok(id)
         })
     })??;
-    register_thin(&p, id, &label)?;
+    register_thin(&p, id, &label, true)?;
     Ok(name.to_string())
 }
 
@@ -633,9 +641,9 @@ pub fn snapshot_blocking(origin: &str, snap: &str) -> Result<String> {
         })
     });
     let key = t.key;
-    p.rt.send_msg(t.owner, move || vbdev::invalidate_and_resume(key, 0, true));
+    p.rt.send_msg(t.owner, move || vbdev::snapshot_taken(key));
     let id = r??;
-    register_thin(&p, id, &label)?;
+    register_thin(&p, id, &label, false)?;
     Ok(snap.to_string())
 }
 

@@ -35,6 +35,9 @@ pub const MODE_RO: u8 = 1;
 /// No free data blocks.
 pub const MODE_OUT_OF_DATA_SPACE: u8 = 2;
 
+/// Free data blocks below which shards get no batches (allocation on demand only).
+const RESERVE_FLOOR: u64 = 64;
+
 /// Most messages the worker handles before looking at commits and timeouts (rule 10).
 const MAX_MSGS_PER_ROUND: usize = 1024;
 
@@ -329,6 +332,22 @@ impl Worker {
                 }));
             }
         }
+    }
+
+    /// Reserves up to `n` data blocks for a shard's batch (marked outstanding; no waiting).
+    /// Keeps the last blocks for on-demand allocation when the pool is nearly full.
+    pub fn reserve(&mut self, n: usize) -> Result<Vec<u64>, i32> {
+        if self.mode() != MODE_RW {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n && self.pmd.data_nr_free() > RESERVE_FLOOR {
+            match self.try_alloc()? {
+                Some(b) => out.push(b),
+                None => break,
+            }
+        }
+        Ok(out)
     }
 
     /// Allocates a data block for a shard (marked outstanding). Waits for space unless the pool
@@ -699,7 +718,9 @@ impl Worker {
         let total_meta = self.pmd.metadata_nr_blocks();
         let used_meta = total_meta - self.pmd.metadata_nr_free().min(total_meta);
         let total_data = self.pmd.data_nr_blocks();
-        let used_data = total_data - self.pmd.data_nr_free().min(total_data);
+        // Blocks reserved by shards but not mapped yet are not used (never committed).
+        let free_data = self.pmd.data_nr_free() + self.outstanding.len() as u64;
+        let used_data = total_data - free_data.min(total_data);
         let mut thins = Vec::new();
         let labels: Vec<(u64, Label)> = self
             .labels

@@ -24,7 +24,7 @@ use std::sync::{mpsc, Arc};
 use reactor::ReactorId;
 use serde_json::{json, Value};
 
-use super::pool::{Msg, PoolShared, Prep, Reply, Worker};
+use super::pool::{Msg, PoolShared, Prep, Reply, Worker, MODE_RO, MODE_RW};
 use crate::bdev::{Bdev, BdevCore, IoStatus, IoType};
 use crate::buf::IoBuf;
 use crate::error::Result;
@@ -32,6 +32,9 @@ use crate::io::{BdevChannel, Completer, IoCallback, IoDone, ModuleChannel, Modul
 
 /// Most cached lookups per thin bdev (each ~40 bytes); the cache is dropped when full.
 const MAX_CACHE_ENTRIES: usize = 1 << 16;
+
+/// Data blocks a shard reserves per batch; refilled when half used.
+const RESERVE_BATCH: usize = 16;
 
 /// Per-device geometry and identity, shared by the bdev, its channels and its shard.
 pub(crate) struct Target {
@@ -48,6 +51,8 @@ pub(crate) struct Target {
     pub bpd: u64,
     /// Data bdev block size in bytes.
     pub data_bs: u64,
+    /// Created empty in this session: the shard's cache starts complete.
+    pub fresh: bool,
 }
 
 /// A thin bdev.
@@ -230,6 +235,15 @@ pub(crate) fn invalidate_and_resume(key: u64, from: u64, resume: bool) {
     });
 }
 
+/// On the owner, after a snapshot of this device: mark its cached mappings shared and end
+/// the quiesce.
+pub(crate) fn snapshot_taken(key: u64) {
+    with_shard(key, |st| {
+        st.mark_all_shared();
+        st.resume();
+    });
+}
+
 /// On the owner: forget the shard state (device deleted or pool closed).
 pub(crate) fn drop_shard(key: u64) {
     let st = SHARDS.with(|s| s.borrow_mut().remove(&key));
@@ -294,6 +308,11 @@ struct Inner {
     held: VecDeque<(ModuleIo, Done)>,
     fast: Slab<FastOp>,
     conts: Slab<Cont>,
+    /// The cache holds every mapping of the device: a miss means "unmapped".
+    complete: bool,
+    /// Data blocks reserved for this shard (outstanding in the worker).
+    reserve: Vec<u64>,
+    refilling: bool,
 }
 
 /// A thin device's state on its owner reactor.
@@ -330,6 +349,19 @@ impl WReq {
     }
 }
 
+impl Drop for DevState {
+    fn drop(&mut self) {
+        let blocks = std::mem::take(&mut self.inner.get_mut().reserve);
+        if !blocks.is_empty() {
+            let _ = self.t.pool.send_job(Box::new(move |w| {
+                for b in blocks {
+                    w.release(b);
+                }
+            }));
+        }
+    }
+}
+
 impl DevState {
     fn get(t: &Arc<Target>) -> std::result::Result<Rc<DevState>, i32> {
         if let Some(st) = SHARDS.with(|s| s.borrow().get(&t.key).cloned()) {
@@ -362,11 +394,15 @@ impl DevState {
                     held: VecDeque::new(),
                     fast: Slab::new(),
                     conts: Slab::new(),
+                    complete: t.fresh,
+                    reserve: Vec::new(),
+                    refilling: false,
                 }),
                 dbs: t.bpd * t.bs,
             }
         });
         SHARDS.with(|s| s.borrow_mut().insert(t.key, st.clone()));
+        st.refill();
         Ok(st)
     }
 
@@ -377,7 +413,12 @@ impl DevState {
             if inner.epoch != e {
                 inner.epoch = e;
                 inner.cache.clear();
+                inner.complete = false;
                 inner.generation += 1;
+                if self.t.pool.mode.load(Ordering::Acquire) == MODE_RO {
+                    // The worker dropped every outstanding block when it went read-only.
+                    inner.reserve.clear();
+                }
             }
         }
         match io.io_type() {
@@ -412,8 +453,63 @@ impl DevState {
         }
         if inner.cache.len() >= MAX_CACHE_ENTRIES {
             inner.cache.clear();
+            inner.complete = false;
         }
         inner.cache.insert(vb, (d, shared));
+    }
+
+    /// After a snapshot of this device: every mapping is now shared.
+    fn mark_all_shared(&self) {
+        let mut inner = self.inner.borrow_mut();
+        for v in inner.cache.values_mut() {
+            v.1 = true;
+        }
+        inner.generation += 1;
+    }
+
+    /// Cached lookup: `Some(Some(m))` mapped, `Some(None)` known unmapped, `None` unknown.
+    fn known(&self, vb: u64) -> Option<Option<(u64, bool)>> {
+        let inner = self.inner.borrow();
+        match inner.cache.get(&vb) {
+            Some(m) => Some(Some(*m)),
+            None if inner.complete => Some(None),
+            None => None,
+        }
+    }
+
+    /// Asks the worker for a new batch when the reserve runs low.
+    fn refill(self: &Rc<Self>) {
+        {
+            let mut inner = self.inner.borrow_mut();
+            if inner.refilling || inner.reserve.len() >= RESERVE_BATCH / 2 {
+                return;
+            }
+            if self.t.pool.mode.load(Ordering::Acquire) != MODE_RW {
+                return;
+            }
+            inner.refilling = true;
+        }
+        self.call(
+            |w, reply| reply(w.reserve(RESERVE_BATCH)),
+            |st, r| {
+                let mut inner = st.inner.borrow_mut();
+                inner.refilling = false;
+                if let Ok(v) = r {
+                    inner.reserve.extend(v);
+                }
+            },
+        );
+    }
+
+    fn take_reserved(self: &Rc<Self>) -> Option<u64> {
+        if self.t.pool.mode.load(Ordering::Acquire) != MODE_RW {
+            return None;
+        }
+        let b = self.inner.borrow_mut().reserve.pop();
+        if b.is_some() {
+            self.refill();
+        }
+        b
     }
 
     fn invalidate_from(&self, from: u64) {
@@ -463,8 +559,13 @@ impl DevState {
 
     fn read(self: &Rc<Self>, mut io: ModuleIo, done: Done) {
         let (vb, off, _) = self.geometry(&io);
-        if let Some((d, _)) = self.cached(vb) {
-            return self.fast_rw(io, done, d, off, false, None);
+        match self.known(vb) {
+            Some(Some((d, _))) => return self.fast_rw(io, done, d, off, false, None),
+            Some(None) => {
+                io.buf_mut().fill(0);
+                return done.finish(io, IoStatus::Success);
+            }
+            None => {}
         }
         let dev = self.t.dev;
         let gen = self.inner.borrow().generation;
@@ -576,7 +677,8 @@ impl DevState {
         let Some((io, done)) = self.hold(vb, io, done) else {
             return;
         };
-        if let Some((d, false)) = self.cached(vb) {
+        let known = self.known(vb);
+        if let Some(Some((d, false))) = known {
             return self.fast_rw(io, done, d, off, true, None);
         }
         let wr = WReq {
@@ -584,6 +686,18 @@ impl DevState {
             done,
             zero: None,
         };
+        if let Some(m) = known {
+            // Known unmapped or shared: provision from the reserve, no worker round trip
+            // before the data write.
+            if let Some(new) = self.take_reserved() {
+                {
+                    let mut inner = self.inner.borrow_mut();
+                    inner.busy.insert(vb, VecDeque::new());
+                    inner.nr_writes += 1;
+                }
+                return self.provision(vb, off, wr, new, m.map(|(d, _)| d));
+            }
+        }
         self.slow_write(vb, off, wr, false);
     }
 
@@ -745,6 +859,9 @@ impl DevState {
             return;
         };
         if !whole {
+            if let Some(None) = self.known(vb) {
+                return done.finish(io, IoStatus::Success);
+            }
             let zero = IoBuf::new(len as usize);
             if let Some((d, false)) = self.cached(vb) {
                 return self.fast_rw(io, done, d, off, true, Some(zero));
