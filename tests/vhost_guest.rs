@@ -131,6 +131,32 @@ fn guest(dir: &Path, sock: &Path, name: &str, body: &str, args: &[&str], mods: &
     }
 }
 
+/// Starts thind on cores `mask` (interrupt mode) with `extra` args; waits for its RPC socket.
+fn start_thind(dir: &Path, mask: &str, extra: &[&str]) -> Thind {
+    let sock = dir.join("spdk.sock");
+    let child = Command::new(common::thind_bin())
+        .args(["-m", mask, "--interrupt-mode", "-r"])
+        .arg(&sock)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn thind");
+    let t = Thind {
+        child: Some(child),
+        sock: sock.clone(),
+        dir: dir.to_owned(),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while t.rpc_output(&["spdk_get_version"]).status.code() != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "thind did not come up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    t
+}
+
 fn unmap_ops(t: &Thind, bdev: &str) -> u64 {
     let mut raw = common::Raw::connect(&t.sock);
     let req = serde_json::json!({
@@ -171,12 +197,20 @@ fn vhost_guest_end_to_end() {
     let sock = dir.join("vhost.0");
     let dir_s = dir.to_str().unwrap();
 
-    let mut t = Thind::start(dir, &["-S", dir_s]);
+    // Two reactors: the controller's two queues run on different cores.
+    let mut t = start_thind(dir, "0x3", &["-S", dir_s]);
     t.rpc(&["bdev_uring_create", img.to_str().unwrap(), "Disk0", "4096"]);
-    t.rpc(&["vhost_create_blk_controller", "vhost.0", "Disk0"]);
+    t.rpc(&[
+        "vhost_create_blk_controller",
+        "vhost.0",
+        "Disk0",
+        "--cpumask",
+        "0x3",
+    ]);
     let list = t.rpc(&["vhost_get_controllers"]);
     assert_eq!(list[0]["ctrlr"], "vhost.0");
     assert_eq!(list[0]["socket"], sock.to_str().unwrap());
+    assert_eq!(list[0]["cpumask"], "0x3");
     let busy = t.rpc_fail(&["vhost_create_blk_controller", "vhost.0", "Disk0"]);
     assert!(busy.contains("exists"), "{busy}");
 
@@ -200,9 +234,17 @@ fn vhost_guest_end_to_end() {
     assert_eq!(t.terminate(), Some(0));
     assert!(!sock.exists(), "socket removed at shutdown");
 
-    let t2 = Thind::start(dir, &["-S", dir_s, "--json", cfg_path.to_str().unwrap()]);
+    let t2 = start_thind(
+        dir,
+        "0x3",
+        &["-S", dir_s, "--json", cfg_path.to_str().unwrap()],
+    );
     let list = t2.rpc(&["vhost_get_controllers", "-n", "vhost.0"]);
     assert_eq!(list[0]["backend_specific"]["block"]["bdev"], "Disk0");
+    assert_eq!(
+        list[0]["cpumask"], "0x3",
+        "cpumask restored from the saved config"
+    );
     guest(dir, &sock, "third", THIRD, &[], &mods);
     drop(t2);
 }
