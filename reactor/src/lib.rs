@@ -41,6 +41,33 @@
 //! - Non-reactor threads (main, RPC, signal handlers) talk to reactors through a
 //!   [`RuntimeHandle`] (send, or send and wait) and a [`StopHandle`].
 //!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use reactor::{CoreMask, PollStatus, ReactorId, Runtime, RuntimeOptions};
+//!
+//! let mut opts = RuntimeOptions::new(CoreMask::parse("[0-1]").unwrap());
+//! opts.interrupt_mode = true;
+//! opts.pin_threads = false;
+//! let runtime = Runtime::start(opts, || {
+//!     // Runs on reactor 0: hand work to reactor 1, count its ticks there.
+//!     reactor::send_msg(ReactorId::new(1), || {
+//!         let mut n = 0;
+//!         reactor::register_periodic_poller("count", Duration::from_millis(1), move || {
+//!             n += 1;
+//!             PollStatus::from_busy(n < 3)
+//!         });
+//!     });
+//! })
+//! .unwrap();
+//! let h = runtime.handle();
+//! // From this (non-reactor) thread: run a closure on reactor 1 and wait for its result.
+//! assert_eq!(h.call(ReactorId::new(1), reactor::current).unwrap(), ReactorId::new(1));
+//! h.stop();
+//! runtime.join().unwrap();
+//! ```
+//!
 //! # Deterministic testing
 //!
 //! [`sim::Sim`] steps many reactors in one thread with a virtual clock from a printed seed, so

@@ -15,6 +15,23 @@
 //! too). Socket ops (recv/send/accept/connect/poll_add) and registered files complete with
 //! `-EOPNOTSUPP`.
 //! [`crate::request_stop`] only sets a flag ([`Sim::stop_requested`]).
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//! use reactor::{sim::Sim, ReactorId};
+//!
+//! let mut sim = Sim::new(3, 42); // or Sim::from_env(3): seed from REACTOR_SIM_SEED
+//! let log = Arc::new(Mutex::new(Vec::new()));
+//! let l = log.clone();
+//! sim.enter(ReactorId::new(0), move || {
+//!     let l2 = l.clone();
+//!     reactor::send_msg(ReactorId::new(2), move || l2.lock().unwrap().push(reactor::current()));
+//!     reactor::after(Duration::from_secs(5), move || l.lock().unwrap().push(reactor::current()));
+//! });
+//! sim.run_for(Duration::from_secs(10)); // virtual time: returns at once
+//! assert_eq!(*log.lock().unwrap(), [ReactorId::new(2), ReactorId::new(0)]);
+//! ```
 
 use std::cell::Cell;
 use std::rc::Rc;
