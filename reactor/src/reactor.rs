@@ -517,7 +517,8 @@ pub fn runtime_handle() -> RuntimeHandle {
     })
 }
 
-/// Statistics of reactor `id` of the current runtime. Panics off-reactor.
+/// Statistics of reactor `id` of the current runtime. Reads procfs for the CPU time: a
+/// control-path call (RPC), not for pollers. Panics off-reactor.
 pub fn stats(id: ReactorId) -> ReactorStats {
     with_core(|core| core.shared.stats(id))
 }
