@@ -111,6 +111,9 @@ pub const MIN_METADATA_BLOCKS: u64 = 16;
 struct CachedDetails {
     details: DeviceDetails,
     dirty: bool,
+    /// The device's current subtree root, when known (saves the top-level descent on the
+    /// data path). Kept exact by every operation that changes it; cleared by abort.
+    sub_root: Option<u64>,
 }
 
 /// The pool metadata.
@@ -465,6 +468,7 @@ impl PoolMetadata {
                 CachedDetails {
                     details: d,
                     dirty: false,
+                    sub_root: None,
                 },
             );
         }
@@ -482,16 +486,32 @@ impl PoolMetadata {
     }
 
     fn set_details(&mut self, dev: DevId, details: DeviceDetails) {
-        self.details.insert(
-            dev.0,
-            CachedDetails {
-                details,
-                dirty: true,
-            },
-        );
+        let sub_root = self.details.get(&dev.0).and_then(|c| c.sub_root);
+        let c = CachedDetails {
+            details,
+            dirty: true,
+            sub_root,
+        };
+        self.details.insert(dev.0, c);
+    }
+
+    fn set_sub_root(&mut self, dev: DevId, root: u64) {
+        if let Some(c) = self.details.get_mut(&dev.0) {
+            c.sub_root = Some(root);
+        }
     }
 
     fn subtree_root(&mut self, dev: DevId, nonblocking: bool) -> Result<u64> {
+        if let Some(r) = self.details.get(&dev.0).and_then(|c| c.sub_root) {
+            debug_assert!(
+                nonblocking
+                    || btree::lookup_u64(&mut self.tm.bm, self.mapping_root, dev.0).ok()
+                        == Some(Some(r)),
+                "cached subtree root of device {} is stale",
+                dev.0
+            );
+            return Ok(r);
+        }
         let root = btree::lookup_with(
             &mut self.tm.bm,
             self.mapping_root,
@@ -501,7 +521,10 @@ impl PoolMetadata {
             btree::value_u64,
         )?;
         match root {
-            Some(r) => Ok(r),
+            Some(r) => {
+                self.set_sub_root(dev, r);
+                Ok(r)
+            }
             None => err(
                 ErrorKind::Corrupt,
                 format!("thin device {} has details but no mapping tree", dev.0),
@@ -748,11 +771,12 @@ impl PoolMetadata {
                     // `equal`), so the caller's reference is surplus.
                     data_sm.ll.dec(&mut tm.bm, data.0)?;
                 }
-                let inserted = what == btree::Inserted::New;
-                Ok(inserted)
+                Ok((what == btree::Inserted::New, nsub))
             },
         )?;
+        let (inserted, nsub) = inserted;
         self.mapping_root = root;
+        self.set_sub_root(dev, nsub);
         if inserted {
             d.mapped_blocks += 1;
             self.set_details(dev, d);
@@ -789,10 +813,12 @@ impl PoolMetadata {
                 let (sub, removed) =
                     btree::remove_range(tm, sub, begin.0, end.0, MAPPING_VALUE_SIZE, &mut refs)?;
                 v.copy_from_slice(&sub.to_le_bytes());
-                Ok(removed)
+                Ok((removed, sub))
             },
         )?;
+        let (removed, nsub) = removed;
         self.mapping_root = root;
+        self.set_sub_root(dev, nsub);
         if removed > 0 {
             // Foreign images may carry a wrong count (thin_check does not verify it).
             d.mapped_blocks = d.mapped_blocks.saturating_sub(removed);
