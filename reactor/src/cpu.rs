@@ -188,25 +188,31 @@ pub fn pin_current_thread(core: usize) -> Result<(), Error> {
 /// User + system CPU time of thread `tid` of this process, from
 /// `/proc/self/task/<tid>/stat` (fields 14 and 15, in clock ticks).
 pub fn thread_cpu_time(tid: i32) -> std::io::Result<std::time::Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))?;
-    parse_stat_cpu_ticks(&stat)
-        .map(|ticks| {
-            // SAFETY: sysconf has no preconditions.
-            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-            std::time::Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / hz)
-        })
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad stat line"))
+    thread_cpu_times(tid).map(|(user, system)| user + system)
 }
 
-/// utime + stime in clock ticks from a `/proc/.../stat` line. The command name (field 2) may
-/// contain spaces and parentheses, so fields are counted after its last `)`.
-fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
+/// (user, system) CPU time of thread `tid` of this process, from
+/// `/proc/self/task/<tid>/stat` (fields 14 and 15, in clock ticks).
+pub fn thread_cpu_times(tid: i32) -> std::io::Result<(std::time::Duration, std::time::Duration)> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))?;
+    let (user, system) = parse_stat_cpu_ticks(&stat)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad stat line"))?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let to_duration =
+        |ticks: u64| std::time::Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / hz);
+    Ok((to_duration(user), to_duration(system)))
+}
+
+/// (utime, stime) in clock ticks from a `/proc/.../stat` line. The command name (field 2)
+/// may contain spaces and parentheses, so fields are counted after its last `)`.
+fn parse_stat_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     // After the name: state is field 3, so utime (14) and stime (15) are the 12th and 13th.
     let utime: u64 = fields.nth(11)?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 #[cfg(test)]
@@ -245,7 +251,7 @@ mod tests {
     #[test]
     fn parses_proc_stat() {
         let line = "123 (a b) c) S 1 2 3 4 5 6 7 8 9 10 250 17 0 0 20 0 1 0";
-        assert_eq!(parse_stat_cpu_ticks(line), Some(267));
+        assert_eq!(parse_stat_cpu_ticks(line), Some((250, 17)));
         assert_eq!(parse_stat_cpu_ticks("garbage"), None);
         assert_eq!(parse_stat_cpu_ticks("1 (x) S 1 2"), None);
         // SAFETY: gettid has no preconditions.

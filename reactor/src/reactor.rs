@@ -122,6 +122,10 @@ pub struct ReactorStats {
     /// User + system CPU time of the reactor thread (zero under the simulator or before the
     /// thread started).
     pub cpu_time: Duration,
+    /// The user part of `cpu_time` (SPDK's `usr_stat`).
+    pub cpu_user_time: Duration,
+    /// The system part of `cpu_time` (SPDK's `sys_stat`).
+    pub cpu_system_time: Duration,
     /// Time since the runtime started.
     pub uptime: Duration,
     /// Whether the reactor sleeps when idle.
@@ -238,17 +242,19 @@ impl Shared {
     pub(crate) fn stats(&self, id: ReactorId) -> ReactorStats {
         let reactor = self.reactor(id);
         let tid = reactor.tid.load(Ordering::Relaxed);
-        let cpu_time = if tid > 0 {
-            cpu::thread_cpu_time(tid).unwrap_or_default()
+        let (cpu_user_time, cpu_system_time) = if tid > 0 {
+            cpu::thread_cpu_times(tid).unwrap_or_default()
         } else {
-            Duration::ZERO
+            (Duration::ZERO, Duration::ZERO)
         };
         ReactorStats {
             id,
             core: reactor.core,
             busy_ticks: reactor.busy_ticks.load(Ordering::Relaxed),
             idle_ticks: reactor.idle_ticks.load(Ordering::Relaxed),
-            cpu_time,
+            cpu_time: cpu_user_time + cpu_system_time,
+            cpu_user_time,
+            cpu_system_time,
             uptime: self.started.elapsed(),
             interrupt_mode: self.interrupt_mode,
             nr_ops_in_flight: reactor.nr_ops_in_flight.load(Ordering::Relaxed),

@@ -7,7 +7,7 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use reactor::{CoreMask, Runtime, RuntimeHandle, RuntimeOptions};
+use reactor::{CoreMask, PollStatus, Runtime, RuntimeHandle, RuntimeOptions};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -1096,4 +1096,28 @@ fn init_runs_on_first_reactor_and_stop_from_reactor() {
     .unwrap();
     assert_eq!(rx.recv().unwrap(), reactor::ReactorId::new(0));
     runtime.join().unwrap();
+}
+
+#[test]
+fn poll_mode_stats_count_ticks_and_cpu() {
+    let stats = with_runtime(options(1, false), |h| {
+        h.call(reactor::ReactorId::new(0), || {
+            reactor::register_poller("busy", || PollStatus::Busy);
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        h.stats().remove(0)
+    });
+    eprintln!("{stats:?}");
+    assert_eq!(stats.core, 0);
+    assert!(!stats.interrupt_mode);
+    assert!(stats.busy_ticks > 1000, "{stats:?}");
+    // A spinning thread is charged CPU time (procfs counts in 10 ms ticks); the machine is
+    // shared, so only require one tick's worth.
+    assert!(stats.cpu_time >= Duration::from_millis(10), "{stats:?}");
+    assert_eq!(stats.cpu_time, stats.cpu_user_time + stats.cpu_system_time);
+    assert!(
+        stats.cpu_usage() > 0.0 && stats.cpu_usage() <= 1.5,
+        "{stats:?}"
+    );
 }
