@@ -231,14 +231,6 @@ pub trait ModuleChannel {
     fn nr_inflight(&self) -> usize {
         0
     }
-
-    /// A file descriptor that becomes readable when `poll` has completions to reap (e.g. a
-    /// private io_uring's fd). In interrupt mode the channel asks the reactor to wake on it
-    /// before going idle with I/O in flight. `None`: completions are queued synchronously or
-    /// announced some other way (a base channel's own poller).
-    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
-        None
-    }
 }
 
 enum Payload {
@@ -314,14 +306,16 @@ pub(crate) struct ChannelInner {
     pending_resets: RefCell<VecDeque<ModuleIo>>,
     /// The reactor poller that drives this channel, when created on a reactor.
     poller: Cell<Option<reactor::PollerHandle>>,
-    /// Set while a wake-up (poll on the module's fd through the reactor ring) is armed.
-    wake_armed: Rc<Cell<bool>>,
 }
 
 impl Drop for ChannelInner {
     fn drop(&mut self) {
         if let Some(p) = self.poller.take() {
-            p.unregister();
+            // During a reactor thread's teardown its core (and the poller list) may already
+            // be gone; unregistering is then moot, and must not panic in a TLS destructor.
+            if reactor::try_current() == Some(p.reactor()) {
+                p.unregister();
+            }
         }
         let mut st = self.bdev.core().lock();
         st.retired.add(&self.stats.snapshot());
@@ -401,7 +395,6 @@ impl BdevChannel {
             nr_inflight: Cell::new(0),
             pending_resets: RefCell::new(VecDeque::new()),
             poller: Cell::new(None),
-            wake_armed: Rc::new(Cell::new(false)),
         };
         let ch = BdevChannel {
             inner: Rc::new(inner),
@@ -419,32 +412,10 @@ impl BdevChannel {
     }
 
     /// One run of the channel's reactor poller: deliver completions; report Busy while
-    /// completions are queued; before going idle with I/O in the kernel in interrupt mode,
-    /// arm a one-shot poll on the module's completion fd so the reactor wakes for it.
+    /// completions are still queued so an interrupt-mode reactor does not sleep on them.
     fn reactor_poll(&self) -> reactor::PollStatus {
         let work = self.poll();
-        if work > 0 || !self.inner.done.q.borrow().is_empty() {
-            return reactor::PollStatus::Busy;
-        }
-        let inner = &self.inner;
-        if inner.nr_inflight.get() > 0 && !inner.wake_armed.get() && reactor::is_interrupt_mode() {
-            let fd = inner.module.try_borrow().ok().and_then(|m| m.wake_fd());
-            if let Some(fd) = fd {
-                let armed = inner.wake_armed.clone();
-                let op = reactor::Op::PollAdd {
-                    fd: reactor::Fd::Raw(fd),
-                    events: libc::POLLIN as u32,
-                };
-                let cb = reactor::OnComplete::closure(move |_| armed.set(false));
-                if reactor::ring().submit(op, cb).is_ok() {
-                    inner.wake_armed.set(true);
-                } else {
-                    // Ring full: stay busy rather than sleep through our completions.
-                    return reactor::PollStatus::Busy;
-                }
-            }
-        }
-        reactor::PollStatus::Idle
+        reactor::PollStatus::from_busy(work > 0 || !self.inner.done.q.borrow().is_empty())
     }
 
     /// The bdev this channel submits to.

@@ -1,14 +1,16 @@
 //! The uring bdev: a regular file or block device driven through io_uring.
 //!
-//! Each reactor's channel owns its own ring (created on that reactor, polled by the channel's
-//! poll), so no ring is ever shared between threads and completions run on the submitting
-//! reactor. Reads and writes go straight from the caller's buffer (O_DIRECT when the file
-//! system allows it; otherwise buffered, noted in `driver_specific`). Flush is `fdatasync`,
+//! Each reactor's channel submits through that reactor's ring (`reactor::ring()`), so
+//! completions run on the submitting reactor, interrupt mode wakes on them, and the
+//! simulator runs them deterministically. Reads and writes go straight from the caller's
+//! buffer as raw-region ops, no copy (O_DIRECT when the file system allows it; otherwise
+//! buffered, noted in `driver_specific`). Channels must be created on a reactor. Flush is `fdatasync`,
 //! unmap is `fallocate(PUNCH_HOLE|KEEP_SIZE)`, write_zeroes is `fallocate(ZERO_RANGE)` with a
 //! punch-hole fallback where ZERO_RANGE is not supported.
 //!
 //! Invariants: an op's buffer belongs to its `ModuleIo`, which stays in the channel's op slab
-//! until the CQE arrives — even when the channel is dropped (drop waits for every CQE).
+//! until the CQE arrives — even when the channel is dropped: every in-flight op holds an `Rc`
+//! of the slab as its completion handler.
 
 pub mod rpc;
 
@@ -19,7 +21,10 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use std::cell::RefCell;
+use std::rc::{Rc, Weak};
+
+use reactor::{Completion, CompletionHandler, Fd, OnComplete, Op, RawRegion};
 use serde_json::{json, Value};
 
 use crate::bdev::{Bdev, BdevCore, BdevCoreOpts, IoStatus, IoType, Uuid};
@@ -30,9 +35,6 @@ use crate::registry::registry;
 
 /// Module name.
 pub const MODULE_NAME: &str = "uring";
-
-/// Ring size (SQ entries) of each channel; in-flight ops beyond it wait in a backlog.
-pub const RING_ENTRIES: u32 = 256;
 
 /// Options of [`create`].
 #[derive(Debug, Clone)]
@@ -196,24 +198,29 @@ impl Bdev for UringBdev {
     }
 
     fn create_channel(&self, completer: Completer) -> Result<Box<dyn ModuleChannel>> {
-        let ring = IoUring::new(RING_ENTRIES).map_err(|e| {
-            BdevError::from_io(
-                format!("uring bdev '{}': io_uring_setup", self.core.name()),
-                e,
-            )
-        })?;
-        Ok(Box::new(UringChannel {
-            ring,
+        if reactor::try_current().is_none() {
+            return Err(BdevError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "uring bdev '{}': I/O channels must be created on a reactor",
+                    self.core.name()
+                ),
+            ));
+        }
+        let shared = Rc::new_cyclic(|me| UringShared {
+            me: me.clone(),
+            ring: reactor::ring(),
             file: self.file.clone(),
             block_size: u64::from(self.core.block_size()),
             completer,
-            ops: Vec::new(),
-            free: Vec::new(),
-            backlog: VecDeque::new(),
-            nr_in_kernel: 0,
-            nr_unsubmitted: 0,
+            ops: RefCell::new(OpSlab {
+                ops: Vec::new(),
+                free: Vec::new(),
+            }),
+            backlog: RefCell::new(VecDeque::new()),
             zero_range_ok: self.zero_range_ok.clone(),
-        }))
+        });
+        Ok(Box::new(UringChannel { shared }))
     }
 
     fn driver_specific(&self) -> Option<(&'static str, Value)> {
@@ -236,6 +243,9 @@ impl Bdev for UringBdev {
     }
 }
 
+/// Largest byte count of one ring op; longer transfers continue in further ops.
+const MAX_OP_BYTES: usize = 1 << 30;
+
 struct OpEntry {
     io: ModuleIo,
     /// Bytes of a read/write already done (short transfers are resubmitted).
@@ -244,128 +254,102 @@ struct OpEntry {
     punch_fallback: bool,
 }
 
-struct UringChannel {
-    ring: IoUring,
+struct OpSlab {
+    ops: Vec<Option<OpEntry>>,
+    free: Vec<u32>,
+}
+
+/// State shared by a channel and its in-flight ring ops. The ring holds an `Rc` of it per
+/// op (the op's completion handler), so the I/Os and their buffers outlive the channel
+/// until their CQEs arrive.
+struct UringShared {
+    me: Weak<UringShared>,
+    ring: reactor::Ring,
     file: Arc<File>,
     block_size: u64,
     completer: Completer,
-    ops: Vec<Option<OpEntry>>,
-    free: Vec<u32>,
-    /// Ops waiting for ring space (slab indexes).
-    backlog: VecDeque<u32>,
-    nr_in_kernel: usize,
-    nr_unsubmitted: usize,
+    ops: RefCell<OpSlab>,
+    /// Ops the ring refused (`max_in_flight` reached), retried from `poll`.
+    backlog: RefCell<VecDeque<u32>>,
     zero_range_ok: Arc<AtomicBool>,
 }
 
 const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
-impl UringChannel {
-    fn sqe_for(&mut self, idx: u32) -> Option<squeue::Entry> {
-        let fd = types::Fd(self.file.as_raw_fd());
+impl UringShared {
+    /// The ring op for slab entry `idx` in its current state.
+    fn op_for(&self, idx: u32) -> Option<Op> {
+        let fd = Fd::Raw(self.file.as_raw_fd());
         let bs = self.block_size;
         let zero_ok = self.zero_range_ok.load(Ordering::Relaxed);
-        let e = self.ops.get_mut(idx as usize)?.as_mut()?;
-        let off = e.io.offset_blocks() * bs;
+        let mut slab = self.ops.borrow_mut();
+        let e = slab.ops.get_mut(idx as usize)?.as_mut()?;
+        let offset = e.io.offset_blocks() * bs;
         let len = e.io.num_blocks() * bs;
-        let sqe = match e.io.io_type() {
+        Some(match e.io.io_type() {
             IoType::Read | IoType::Write => {
                 let (ptr, total) = e.io.raw_buf();
-                let rest = total - e.done_bytes;
-                // SAFETY: done_bytes < total, so the pointer stays inside the buffer.
-                let p = unsafe { ptr.add(e.done_bytes) };
-                let n = rest.min(1 << 30) as u32;
-                let pos = off + e.done_bytes as u64;
+                let n = (total - e.done_bytes).min(MAX_OP_BYTES);
+                // SAFETY: done_bytes < total, so the range stays inside the I/O's buffer,
+                // which its ModuleIo owns (or borrows from its parent) and which stays in
+                // this slab until the op's CQE reaches `complete` below.
+                let region = unsafe { RawRegion::new(ptr.add(e.done_bytes), n) };
+                let offset = offset + e.done_bytes as u64;
                 if e.io.io_type() == IoType::Read {
-                    opcode::Read::new(fd, p, n).offset(pos).build()
+                    Op::ReadRaw { fd, offset, region }
                 } else {
-                    opcode::Write::new(fd, p, n).offset(pos).build()
+                    Op::WriteRaw { fd, offset, region }
                 }
             }
-            IoType::Flush => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-            IoType::Unmap => opcode::Fallocate::new(fd, len)
-                .offset(off)
-                .mode(PUNCH)
-                .build(),
+            IoType::Flush => Op::Fsync { fd, datasync: true },
+            IoType::Unmap => Op::Fallocate {
+                fd,
+                mode: PUNCH,
+                offset,
+                len,
+            },
             IoType::WriteZeroes => {
                 let mode = if e.punch_fallback || !zero_ok {
                     PUNCH
                 } else {
                     ZERO
                 };
-                opcode::Fallocate::new(fd, len)
-                    .offset(off)
-                    .mode(mode)
-                    .build()
+                Op::Fallocate {
+                    fd,
+                    mode,
+                    offset,
+                    len,
+                }
             }
-            IoType::Reset => opcode::Nop::new().build(),
-        };
-        Some(sqe.user_data(u64::from(idx)))
+            IoType::Reset => Op::Nop,
+        })
     }
 
-    /// Moves backlog ops into the SQ while there is room (SQ and CQ budget).
-    fn fill_sq(&mut self) {
-        while self.nr_in_kernel + self.nr_unsubmitted < RING_ENTRIES as usize {
-            let Some(&idx) = self.backlog.front() else {
-                break;
-            };
-            let Some(sqe) = self.sqe_for(idx) else {
-                self.backlog.pop_front();
-                continue;
-            };
-            // SAFETY: the SQE points into a buffer owned by the op's ModuleIo, which stays in
-            // self.ops until its CQE is reaped (Drop waits for all CQEs).
-            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
-                break;
-            }
-            self.backlog.pop_front();
-            self.nr_unsubmitted += 1;
+    /// Submits entry `idx` to the ring, or parks it in the backlog if the ring is full.
+    fn issue(self: &Rc<Self>, idx: u32) {
+        let Some(op) = self.op_for(idx) else { return };
+        let handler: Rc<dyn CompletionHandler> = self.clone();
+        if self
+            .ring
+            .submit(op, OnComplete::handler(handler, u64::from(idx)))
+            .is_err()
+        {
+            self.backlog.borrow_mut().push_back(idx);
         }
     }
 
-    fn submit_to_kernel(&mut self) {
-        if self.nr_unsubmitted == 0 {
-            return;
-        }
-        match self.ring.submit() {
-            Ok(n) => {
-                self.nr_unsubmitted -= n.min(self.nr_unsubmitted);
-                self.nr_in_kernel += n;
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
-            Err(e) => eprintln!("uring bdev: io_uring_enter failed: {e}"),
-        }
-    }
-
-    fn reap(&mut self) -> usize {
-        let mut cqes: [(u64, i32); 64] = [(0, 0); 64];
-        let mut n = 0;
-        for cqe in self.ring.completion().take(cqes.len()) {
-            cqes[n] = (cqe.user_data(), cqe.result());
-            n += 1;
-        }
-        self.nr_in_kernel -= n.min(self.nr_in_kernel);
-        for &(idx, res) in &cqes[..n] {
-            self.on_cqe(idx as u32, res);
-        }
-        n
-    }
-
-    fn on_cqe(&mut self, idx: u32, res: i32) {
-        let Some(entry) = self.ops.get_mut(idx as usize).and_then(|e| e.as_mut()) else {
+    fn on_cqe(self: &Rc<Self>, idx: u32, res: i32) {
+        let mut slab = self.ops.borrow_mut();
+        let Some(entry) = slab.ops.get_mut(idx as usize).and_then(|e| e.as_mut()) else {
             return;
         };
         let io_type = entry.io.io_type();
-        if res >= 0 && io_type.has_data() {
-            let total = entry.io.len_bytes();
+        if res > 0 && io_type.has_data() {
             entry.done_bytes += res as usize;
-            if res > 0 && entry.done_bytes < total {
-                self.backlog.push_back(idx);
-                return;
+            if entry.done_bytes < entry.io.len_bytes() {
+                drop(slab);
+                return self.issue(idx);
             }
         }
         if io_type == IoType::WriteZeroes
@@ -374,13 +358,14 @@ impl UringChannel {
         {
             entry.punch_fallback = true;
             self.zero_range_ok.store(false, Ordering::Relaxed);
-            self.backlog.push_back(idx);
-            return;
+            drop(slab);
+            return self.issue(idx);
         }
-        let Some(entry) = self.ops.get_mut(idx as usize).and_then(Option::take) else {
+        let Some(entry) = slab.ops.get_mut(idx as usize).and_then(Option::take) else {
             return;
         };
-        self.free.push(idx);
+        slab.free.push(idx);
+        drop(slab);
         let status = if res < 0 {
             IoStatus::Failed(-res)
         } else if io_type.has_data() && entry.done_bytes < entry.io.len_bytes() {
@@ -393,11 +378,26 @@ impl UringChannel {
     }
 }
 
+/// One handler serves every op of a channel; the tag is the slab index.
+impl CompletionHandler for UringShared {
+    fn complete(&self, tag: u64, completion: Completion) {
+        // The ring holds an Rc of us for this op, so the upgrade succeeds; resubmission
+        // (short transfers, fallbacks) needs the Rc.
+        if let Some(me) = self.me.upgrade() {
+            me.on_cqe(tag as u32, completion.result);
+        }
+    }
+}
+
+struct UringChannel {
+    shared: Rc<UringShared>,
+}
+
 impl ModuleChannel for UringChannel {
     fn submit(&mut self, io: ModuleIo) {
         if io.io_type() == IoType::Reset {
             // The generic layer holds a reset until the channel has drained.
-            self.completer.complete(io, IoStatus::Success);
+            self.shared.completer.complete(io, IoStatus::Success);
             return;
         }
         let entry = OpEntry {
@@ -405,61 +405,49 @@ impl ModuleChannel for UringChannel {
             done_bytes: 0,
             punch_fallback: false,
         };
-        let idx = match self.free.pop() {
-            Some(i) => {
-                self.ops[i as usize] = Some(entry);
-                i
-            }
-            None => {
-                self.ops.push(Some(entry));
-                (self.ops.len() - 1) as u32
+        let idx = {
+            let mut slab = self.shared.ops.borrow_mut();
+            match slab.free.pop() {
+                Some(i) => {
+                    slab.ops[i as usize] = Some(entry);
+                    i
+                }
+                None => {
+                    slab.ops.push(Some(entry));
+                    (slab.ops.len() - 1) as u32
+                }
             }
         };
-        self.backlog.push_back(idx);
-        self.fill_sq();
+        if self.shared.backlog.borrow().is_empty() {
+            self.shared.issue(idx);
+        } else {
+            self.shared.backlog.borrow_mut().push_back(idx);
+        }
     }
 
     fn poll(&mut self) -> usize {
-        self.submit_to_kernel();
-        let n = self.reap();
-        if !self.backlog.is_empty() {
-            self.fill_sq();
-            self.submit_to_kernel();
+        let mut n = 0;
+        while n < 256 {
+            let Some(idx) = self.shared.backlog.borrow_mut().pop_front() else {
+                break;
+            };
+            let before = self.shared.backlog.borrow().len();
+            self.shared.issue(idx);
+            if self.shared.backlog.borrow().len() > before {
+                // Still full: it went back to the end; keep FIFO order by rotating it first.
+                if let Some(i) = self.shared.backlog.borrow_mut().pop_back() {
+                    self.shared.backlog.borrow_mut().push_front(i);
+                }
+                break;
+            }
+            n += 1;
         }
         n
     }
 
     fn nr_inflight(&self) -> usize {
-        self.ops.len() - self.free.len()
-    }
-
-    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
-        Some(self.ring.as_raw_fd())
-    }
-}
-
-impl Drop for UringChannel {
-    fn drop(&mut self) {
-        // Buffers of in-flight ops must outlive the kernel's use of them: wait for every CQE.
-        self.backlog.clear();
-        self.submit_to_kernel();
-        while self.nr_in_kernel > 0 {
-            if self.ring.submit_and_wait(1).is_err() {
-                break;
-            }
-            let mut n = 0;
-            for _ in self.ring.completion() {
-                n += 1;
-            }
-            self.nr_in_kernel -= n.min(self.nr_in_kernel);
-        }
-        // Ops never handed to the kernel complete as aborted so their buffers go back.
-        for (i, e) in self.ops.iter_mut().enumerate() {
-            if let Some(e) = e.take() {
-                self.free.push(i as u32);
-                self.completer.complete(e.io, IoStatus::Aborted);
-            }
-        }
+        let slab = self.shared.ops.borrow();
+        slab.ops.len() - slab.free.len()
     }
 }
 

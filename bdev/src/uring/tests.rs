@@ -33,11 +33,12 @@ fn falls_back_to_buffered_io_when_o_direct_is_refused() {
     assert_eq!(b.core().block_size(), 512);
 
     let desc = BdevDesc::open("uring_unit_fallback", true, |_| {}).unwrap();
-    // A simulated reactor owns the channel and the buffers; the test polls it by hand.
-    let sim = reactor::sim::Sim::new(1, 1);
-    let got = sim.enter(reactor::ReactorId::new(0), || {
+    // A simulated reactor owns the channel, the ring and the buffers.
+    let mut sim = reactor::sim::Sim::new(1, 1);
+    let r0 = reactor::ReactorId::new(0);
+    let got = Rc::new(RefCell::new(Vec::new()));
+    let (ch, cb) = sim.enter(r0, || {
         let ch = desc.get_io_channel().unwrap();
-        let got = Rc::new(RefCell::new(Vec::new()));
         let g = got.clone();
         let cb: IoCallback = Rc::new(move |d: IoDone| {
             assert!(d.status.is_success(), "{:?}", d.status);
@@ -46,16 +47,14 @@ fn falls_back_to_buffered_io_when_o_direct_is_refused() {
         let mut buf = IoBuf::new(1024);
         buf.fill(0xa5);
         ch.write(buf, 7, 2, 1, &cb).unwrap();
-        while got.borrow().is_empty() {
-            ch.poll();
-        }
-        ch.read(IoBuf::new(1024), 7, 2, 2, &cb).unwrap();
-        while got.borrow().len() < 2 {
-            ch.poll();
-        }
-        let v = got.borrow().clone();
-        v
+        (ch, cb)
     });
+    sim.run_until_idle();
+    assert_eq!(got.borrow().len(), 1);
+    sim.enter(r0, || ch.read(IoBuf::new(1024), 7, 2, 2, &cb).unwrap());
+    sim.run_until_idle();
+    sim.enter(r0, move || drop((ch, cb)));
+    let got = got.borrow().clone();
     assert_eq!(got[1].as_deref(), Some(&[0xa5u8; 1024][..]));
     let on_disk = std::fs::read(f.path()).unwrap();
     assert_eq!(&on_disk[7 * 512..9 * 512], &[0xa5u8; 1024][..]);
