@@ -564,3 +564,75 @@ fn thin_rpc_methods_status_metadata_snap_resize_delete() {
     rpc("bdev_thin_pool_delete", json!({"name": "rp_pool"})).unwrap();
     check_metadata(&rt, "rp_meta");
 }
+
+#[test]
+fn thin_flush_commits_once_and_clean_flush_writes_no_metadata() {
+    let rt = Rt::start(2, true);
+    thin::set_runtime(rt.h.clone());
+    malloc("fl_data", 16 << 20, 4096);
+    malloc("fl_meta_base", 1 << 20, 4096);
+    let meta = bdev::testing::record::create("fl_meta", "fl_meta_base", None).unwrap();
+    let mut o = pool_opts("fl_pool", "fl_data", "fl_meta");
+    o.commit_interval_ms = 3_600_000;
+    thin::create_pool_blocking(o).unwrap();
+    thin::create_thin_blocking("fl_pool", "fl_thin", 1 << 20, 4096, None).unwrap();
+    let d = open("fl_thin");
+    assert_eq!(
+        write(&rt, 1, &d, 0, vec![1; BS as usize]),
+        IoStatus::Success
+    );
+    let before = meta.log_len();
+    // Many concurrent flushes from both reactors: at most a couple of commits.
+    let rxs: Vec<_> = (0..16)
+        .map(|i| rt.submit(i % 2, &d, Req::Flush(0, 0)))
+        .collect();
+    for rx in rxs {
+        let (st, _, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        assert_eq!(st, IoStatus::Success);
+    }
+    let commits = meta
+        .flush_indices()
+        .iter()
+        .filter(|&&i| i >= before)
+        .count();
+    assert!(
+        (2..=4).contains(&commits),
+        "{commits} metadata flushes for one dirty write"
+    );
+    let after = meta.log_len();
+    flush(&rt, 0, &d);
+    flush(&rt, 1, &d);
+    assert_eq!(meta.log_len(), after, "a clean flush wrote metadata");
+    drop(d);
+    thin::delete_pool_blocking("fl_pool").unwrap();
+    check_metadata(&rt, "fl_meta");
+}
+
+#[test]
+fn thin_waiting_write_fails_enospc_after_timeout() {
+    let rt = Rt::start(1, true);
+    thin::set_runtime(rt.h.clone());
+    malloc("nt_data", 2 * DBS, 4096);
+    malloc("nt_meta", 1 << 20, 4096);
+    let mut o = pool_opts("nt_pool", "nt_data", "nt_meta");
+    o.no_space_timeout = Duration::from_millis(300);
+    thin::create_pool_blocking(o).unwrap();
+    thin::create_thin_blocking("nt_pool", "nt_thin", 1 << 20, 4096, None).unwrap();
+    let d = open("nt_thin");
+    assert_eq!(
+        write(&rt, 0, &d, 0, vec![1; BS as usize]),
+        IoStatus::Success
+    );
+    let t0 = std::time::Instant::now();
+    assert_eq!(
+        write(&rt, 0, &d, DBS / BS, vec![1; BS as usize]),
+        IoStatus::Failed(libc::ENOSPC)
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "did not wait for space"
+    );
+    drop(d);
+    thin::delete_pool_blocking("nt_pool").unwrap();
+    check_metadata(&rt, "nt_meta");
+}

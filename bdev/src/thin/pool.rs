@@ -377,7 +377,7 @@ impl Worker {
         for attempt in 0..2 {
             match self.pmd.alloc_data_block() {
                 Ok(b) => {
-                    self.dirty = true;
+                    // Not dirty: an outstanding block is never committed (see commit).
                     let fresh = self.outstanding.insert(b.0);
                     assert!(fresh, "data block {} handed out twice", b.0);
                     self.check_low_water();
@@ -540,7 +540,8 @@ impl Worker {
                 return Err(libc::EIO);
             }
         }
-        self.dirty = !held.is_empty();
+        // The retaken outstanding blocks are not a change to commit: every commit drops them.
+        self.dirty = false;
         if self.mode() == MODE_OUT_OF_DATA_SPACE && self.pmd.data_nr_free() > 0 {
             self.set_mode(MODE_RW);
             self.retry_space_waiters();
@@ -562,7 +563,7 @@ impl Worker {
                 return;
             }
         }
-        self.dirty = !self.outstanding.is_empty();
+        self.dirty = false;
         self.shared.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
