@@ -158,6 +158,7 @@ fn run(args: Args) -> Result<(), String> {
     .map_err(|e| format!("starting reactors on {}: {e}", args.cpumask))?;
     let handle = runtime.handle();
     methods::register_framework(&registry, handle.clone());
+    bdev::thin::set_runtime(handle.clone());
     nvmf_methods::register_nvmf(&registry, &subsystems_for_nvmf, handle.clone());
     vhost_methods::register_vhost(&registry, handle.clone());
 
