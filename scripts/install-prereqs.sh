@@ -33,6 +33,16 @@ if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('spdk')
 fi
 command -v pyenv >/dev/null && pyenv rehash || true
 
+# QEMU, the guest kernel and initramfs for the end-to-end tests with the Linux NVMe/TCP
+# initiator and vhost-user-blk (../shared/guest; idempotent and cached).
+GUEST_RUN="$(cd "$(dirname "$0")/../.." && pwd)/shared/guest/guest-run"
+if [ -f "$GUEST_RUN" ]; then
+    bash "$GUEST_RUN" --setup >/dev/null
+elif [ "${CI:-}" = "true" ]; then
+    echo "install-prereqs: $GUEST_RUN missing (needed by the guest tests)" >&2
+    exit 1
+fi
+
 # Fail loudly (not skip) when something is still missing.
 for bin in thin_check thin_dump thin_restore fio spdk-rpc; do
     command -v "$bin" >/dev/null || { echo "install-prereqs: $bin still missing" >&2; exit 1; }
