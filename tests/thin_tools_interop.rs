@@ -2,7 +2,8 @@
 //!
 //! (a) images written by `pdata::thin::PoolMetadata` after ≥ 10,000 random operations on ≥ 8
 //!     devices, snapshots of snapshots included, pass `thin_check`, and `thin_dump` prints
-//!     exactly the model's XML — as does `thin-meta dump` (and `-m` for a held root);
+//!     exactly the model's XML — as does `thin-meta dump` (and `-m` for a held root) — and
+//!     `thin_ls` reports the model's mapped, exclusive and shared block counts;
 //! (b) images made by `thin_restore` from generated XML (single and range mappings, shared
 //!     data blocks, several devices) open in pdata with exactly the XML's mappings, take
 //!     further random changes (a held root among them), and still pass `thin_check` and
@@ -26,6 +27,7 @@ struct Tools {
     check: PathBuf,
     dump: PathBuf,
     restore: PathBuf,
+    ls: PathBuf,
 }
 
 fn tools() -> Option<Tools> {
@@ -33,6 +35,7 @@ fn tools() -> Option<Tools> {
         check: require_tool("thin_check")?,
         dump: require_tool("thin_dump")?,
         restore: require_tool("thin_restore")?,
+        ls: require_tool("thin_ls")?,
     })
 }
 
@@ -58,8 +61,37 @@ fn stdout_of(cmd: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
+/// What `thin_ls -o DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS` prints for `state`
+/// (columns single-spaced): a mapping is exclusive when no other mapping, in any device, maps
+/// its data block (thin_ls 0.9.0's rule, checked against the tool).
+fn thin_ls_expected(state: &ModelState) -> String {
+    let mut users: std::collections::HashMap<u64, u64> = Default::default();
+    for d in state.devices.values() {
+        for &(b, _) in d.mappings.values() {
+            *users.entry(b).or_insert(0) += 1;
+        }
+    }
+    let mut out = String::new();
+    for (dev, d) in &state.devices {
+        let n = d.mappings.len();
+        let excl = d
+            .mappings
+            .values()
+            .filter(|m| users.get(&m.0) == Some(&1))
+            .count();
+        out += &format!("{dev} {n} {excl} {}\n", n - excl);
+    }
+    out
+}
+
+fn single_spaced(text: &str) -> String {
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") + "\n")
+        .collect()
+}
+
 /// Writes `img` to a temp file and checks it with thin_check, thin_dump and thin-meta.
-fn verify_with_tools(t: &Tools, img: &[u8], want: &str, held: Option<&str>) {
+fn verify_with_tools(t: &Tools, img: &[u8], state: &ModelState, want: &str, held: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meta.img");
     std::fs::write(&path, img).unwrap();
@@ -79,6 +111,20 @@ fn verify_with_tools(t: &Tools, img: &[u8], want: &str, held: Option<&str>) {
         stdout_of(Path::new(thin_meta()), &["dump", p]),
         want,
         "thin-meta dump differs"
+    );
+    let ls = stdout_of(
+        &t.ls,
+        &[
+            "--no-headers",
+            "-o",
+            "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS",
+            p,
+        ],
+    );
+    assert_eq!(
+        single_spaced(&ls),
+        thin_ls_expected(state),
+        "thin_ls differs from the model"
     );
     let out = run(Path::new(thin_meta()), &["check", "--exact", p]);
     assert!(
@@ -155,6 +201,7 @@ fn pdata_images_pass_thin_check_and_dump_to_the_model() {
             verify_with_tools(
                 &t,
                 &io.image(),
+                &h.committed,
                 &h.committed_xml().to_xml(),
                 held.as_deref(),
             );
@@ -296,6 +343,7 @@ fn thin_restore_images_open_in_pdata_and_take_changes() {
         verify_with_tools(
             &t,
             &io.image(),
+            &h.committed,
             &h.committed_xml().to_xml(),
             held.as_deref(),
         );
