@@ -140,6 +140,28 @@ fn validate(p: &CreateParams) -> Result<(), VhostRpcError> {
     Ok(())
 }
 
+/// Refuses a path that is a live socket (another daemon's, or thind's own RPC socket) or not a
+/// socket at all; a stale socket (nobody listening) is replaced.
+fn check_socket_path(path: &std::path::Path) -> Result<(), VhostRpcError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(VhostRpcError::errno(
+            libc::EEXIST,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(VhostRpcError::errno(
+            libc::EADDRINUSE,
+            format!("{} is in use by a running server", path.display()),
+        ));
+    }
+    Ok(())
+}
+
 /// Opens the bdev; its resize and remove events go to the controller's home reactor.
 fn open_bdev(
     p: &CreateParams,
@@ -180,6 +202,7 @@ fn create(p: Value) -> Result<Value, VhostRpcError> {
     let num_blocks = Arc::new(AtomicU64::new(0));
     let desc = open_bdev(&p, &rt, id, reactors[0], &num_blocks)?;
     let b = desc.bdev().clone();
+    check_socket_path(&socket)?;
     let listener = Listener::new(&socket, true).map_err(|e| {
         VhostRpcError::errno(libc::EIO, format!("socket {}: {e}", socket.display()))
     })?;

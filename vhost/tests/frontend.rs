@@ -147,6 +147,23 @@ fn rpc_params_are_checked() {
     )
     .unwrap_err();
     assert_eq!(e.code, -libc::ENODEV);
+    // A name that would replace a live socket or another file is refused.
+    let live = std::os::unix::net::UnixListener::bind(setup().join("live.sock")).unwrap();
+    let e = call(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "live.sock", "dev_name": "VhMallocRpc"}),
+    )
+    .unwrap_err();
+    assert_eq!(e.code, -libc::EADDRINUSE);
+    drop(live);
+    std::fs::write(setup().join("plain"), b"x").unwrap();
+    let e = call(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "plain", "dev_name": "VhMallocRpc"}),
+    )
+    .unwrap_err();
+    assert_eq!(e.code, -libc::EEXIST);
+    assert!(setup().join("plain").is_file(), "file left alone");
     controller("vrpc.0", "VhMallocRpc", false);
     let e = call(
         "vhost_create_blk_controller",
