@@ -317,6 +317,23 @@ impl Drop for ChannelInner {
                 p.unregister();
             }
         }
+        if self.nr_inflight.get() > 0 {
+            // Dropped with I/O in flight (a caller bug): a module (or the kernel) may still
+            // write into buffers the slots own, so leak the slots instead of freeing them.
+            eprintln!(
+                "bdev '{}': channel dropped with {} I/Os in flight; leaking their buffers",
+                self.bdev.name(),
+                self.nr_inflight.get()
+            );
+            let pool = std::mem::replace(
+                self.pool.get_mut(),
+                SlotPool {
+                    slots: Vec::new(),
+                    free: Vec::new(),
+                },
+            );
+            std::mem::forget(pool);
+        }
         let mut st = self.bdev.core().lock();
         st.retired.add(&self.stats.snapshot());
         let me = Arc::as_ptr(&self.stats);

@@ -166,3 +166,72 @@ fn uring_create_errors() {
     assert_eq!(e.errno(), libc::EINVAL, "file smaller than a block: {e}");
     assert!(bdev::registry().lookup("ur_tiny").is_none());
 }
+
+#[test]
+fn uring_under_the_simulator_is_deterministic_per_reactor() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use bdev::{IoBuf, IoCallback, IoDone, IoStatus};
+    use reactor::ReactorId;
+
+    let f = temp_file_in(env!("CARGO_TARGET_TMPDIR"), 256 * 4096);
+    uring::create(uring::UringOpts {
+        name: "ur_sim".into(),
+        filename: f.path().to_str().unwrap().into(),
+        block_size: Some(4096),
+        uuid: None,
+    })
+    .unwrap();
+    let desc = Arc::new(BdevDesc::open("ur_sim", true, |_| {}).unwrap());
+    let mut sim = reactor::sim::Sim::from_env(2);
+    type Done = Vec<(u64, IoStatus, usize, u8)>;
+    let done: Rc<RefCell<Done>> = Rc::default();
+    let mut keep = Vec::new();
+    for r in 0..2u32 {
+        let d = done.clone();
+        let desc = desc.clone();
+        keep.push(sim.enter(ReactorId::new(r), move || {
+            let ch = desc.get_io_channel().unwrap();
+            let cb: IoCallback = Rc::new(move |io: IoDone| {
+                let first = io.buf.as_deref().map_or(0, |b| b[0]);
+                d.borrow_mut()
+                    .push((io.tag, io.status, reactor::current().index(), first));
+            });
+            for i in 0..64u64 {
+                let buf = IoBuf::from_slice(&[r as u8 + 1; 4096]);
+                ch.write(buf, u64::from(r) * 128 + i, 1, i, &cb).unwrap();
+            }
+            ch.flush(0, 0, 100, &cb).unwrap();
+            (ch, cb)
+        }));
+    }
+    sim.run_until_idle();
+    {
+        let v = done.borrow();
+        assert_eq!(v.len(), 130);
+        assert!(v.iter().all(|e| e.1 == IoStatus::Success), "{v:?}");
+    }
+    done.borrow_mut().clear();
+    // Reactor 1 reads what reactor 0 wrote, and vice versa.
+    for r in 0..2u32 {
+        let (ch, cb) = keep[r as usize].clone();
+        sim.enter(ReactorId::new(r), move || {
+            let other = 1 - u64::from(r);
+            ch.read(IoBuf::new(4096), other * 128 + 5, 1, u64::from(r), &cb)
+                .unwrap();
+        });
+    }
+    sim.run_until_idle();
+    let mut v = done.borrow().clone();
+    v.sort_by_key(|e| e.0);
+    assert_eq!(
+        v,
+        vec![(0, IoStatus::Success, 0, 2), (1, IoStatus::Success, 1, 1)]
+    );
+    for (r, k) in keep.into_iter().enumerate() {
+        sim.enter(ReactorId::new(r as u32), move || drop(k));
+    }
+    drop(desc);
+    uring::delete("ur_sim").unwrap();
+}
