@@ -247,3 +247,64 @@ fn reset_completes_after_inflight_io() {
     drop(rt);
     malloc::delete("dp_reset").unwrap();
 }
+
+mod never_panics {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use bdev::{null, BdevDesc, IoBuf, IoCallback, IoDone};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Any (offset, length, buffer size) either completes successfully or is refused
+        /// with EINVAL at submit; nothing panics and nothing is half-submitted.
+        #[test]
+        fn random_requests_complete_or_einval(
+            kind in 0u8..4,
+            off in prop_oneof![0u64..80, Just(u64::MAX), Just(u64::MAX - 3)],
+            n in prop_oneof![0u64..80, Just(u64::MAX)],
+            len in 0usize..(80 * 512 + 3),
+        ) {
+            let name = "dp_prop_null";
+            if bdev::registry().lookup(name).is_none() {
+                let _ = null::create(null::NullOpts {
+                    name: name.into(), num_blocks: 64, block_size: 512, uuid: None,
+                });
+            }
+            let desc = BdevDesc::open(name, true, |_| {}).unwrap();
+            let ch = desc.get_io_channel().unwrap();
+            let done = Rc::new(Cell::new(0));
+            let d = done.clone();
+            let cb: IoCallback = Rc::new(move |io: IoDone| {
+                assert!(io.status.is_success());
+                d.set(d.get() + 1);
+            });
+            let r = match kind {
+                0 => ch.read(IoBuf::new(len), off, n, 0, &cb),
+                1 => ch.write(IoBuf::new(len), off, n, 0, &cb),
+                2 => ch.read_at(IoBuf::new(len), off, 0, &cb),
+                _ => ch.write_zeroes(off, n, 0, &cb),
+            };
+            let valid_range = off.checked_add(n).is_some_and(|e| e <= 64) && n > 0;
+            match r {
+                Ok(()) => {
+                    while ch.nr_inflight() > 0 {
+                        ch.poll();
+                    }
+                    prop_assert_eq!(done.get(), 1);
+                    if kind < 2 {
+                        prop_assert!(valid_range && len as u64 == n * 512);
+                    }
+                }
+                Err(e) => {
+                    prop_assert_eq!(e.errno(), libc::EINVAL);
+                    prop_assert_eq!(done.get(), 0);
+                    if kind < 3 {
+                        prop_assert_eq!(e.buf.map(|b| b.len()), Some(len));
+                    }
+                }
+            }
+        }
+    }
+}
