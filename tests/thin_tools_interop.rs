@@ -3,7 +3,8 @@
 //! (a) images written by `pdata::thin::PoolMetadata` after ≥ 10,000 random operations on ≥ 8
 //!     devices, snapshots of snapshots included, pass `thin_check`, and `thin_dump` prints
 //!     exactly the model's XML — as does `thin-meta dump` (and `-m` for a held root) — and
-//!     `thin_ls` reports the model's mapped, exclusive and shared block counts;
+//!     `thin_ls` reports the model's mapped, exclusive and shared block counts, and
+//!     `thin_delta` the model's differences between devices;
 //! (b) images made by `thin_restore` from generated XML (single and range mappings, shared
 //!     data blocks, several devices) open in pdata with exactly the XML's mappings, take
 //!     further random changes (a held root among them), and still pass `thin_check` and
@@ -28,6 +29,7 @@ struct Tools {
     dump: PathBuf,
     restore: PathBuf,
     ls: PathBuf,
+    delta: PathBuf,
 }
 
 fn tools() -> Option<Tools> {
@@ -36,6 +38,7 @@ fn tools() -> Option<Tools> {
         dump: require_tool("thin_dump")?,
         restore: require_tool("thin_restore")?,
         ls: require_tool("thin_ls")?,
+        delta: require_tool("thin_delta")?,
     })
 }
 
@@ -82,6 +85,45 @@ fn thin_ls_expected(state: &ModelState) -> String {
         out += &format!("{dev} {n} {excl} {}\n", n - excl);
     }
     out
+}
+
+/// What `thin_delta --snap1 A --snap2 B` prints for `state`: the union of both devices'
+/// mapped blocks in order, each classed `same` (same data block), `different`, `left_only` or
+/// `right_only`, consecutive blocks of one class merged into a run (checked against the tool).
+fn thin_delta_expected(s: &ModelState, data_block_size: u32, a: u64, b: u64) -> String {
+    let empty = Default::default();
+    let l = s.devices.get(&a).map_or(&empty, |d| &d.mappings);
+    let r = s.devices.get(&b).map_or(&empty, |d| &d.mappings);
+    let mut keys: Vec<u64> = l.keys().chain(r.keys()).copied().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut out = format!(
+        "<superblock uuid=\"\" time=\"{}\" transaction=\"{}\" data_block_size=\"{data_block_size}\" \
+         nr_data_blocks=\"{}\">\n  <diff left=\"{a}\" right=\"{b}\">\n",
+        s.time, s.transaction_id, s.nr_data_blocks
+    );
+    let mut runs: Vec<(&str, u64, u64)> = Vec::new();
+    for k in keys {
+        let class = match (l.get(&k), r.get(&k)) {
+            (Some(x), Some(y)) if x.0 == y.0 => "same",
+            (Some(_), Some(_)) => "different",
+            (Some(_), None) => "left_only",
+            _ => "right_only",
+        };
+        match runs.last_mut() {
+            Some((c, begin, len)) if *c == class && *begin + *len == k => *len += 1,
+            _ => runs.push((class, k, 1)),
+        }
+    }
+    for (class, begin, len) in runs {
+        out += &format!("    <{class} begin=\"{begin}\" length=\"{len}\"/>\n");
+    }
+    out + "  </diff>\n</superblock>\n"
+}
+
+/// The data_block_size attribute of a dump.
+fn data_block_size(dump: &str) -> u32 {
+    xml::parse(dump).map(|p| p.data_block_size).unwrap_or(0)
 }
 
 fn single_spaced(text: &str) -> String {
