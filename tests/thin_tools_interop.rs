@@ -20,6 +20,7 @@ use std::process::{Command, Output};
 
 use pdata::testing::{require_tool, Harness, ModelState, Op, Rng, Workload};
 use pdata::thin::check::{check, CheckOptions};
+use pdata::thin::dump::read_superblock;
 use pdata::thin::xml::{self, DeviceXml, MappingRun, PoolXml};
 use pdata::thin::CacheOpts;
 use pdata::{BlockIo, MemBlockIo};
@@ -90,16 +91,22 @@ fn thin_ls_expected(state: &ModelState) -> String {
 /// What `thin_delta --snap1 A --snap2 B` prints for `state`: the union of both devices'
 /// mapped blocks in order, each classed `same` (same data block), `different`, `left_only` or
 /// `right_only`, consecutive blocks of one class merged into a run (checked against the tool).
-fn thin_delta_expected(s: &ModelState, data_block_size: u32, a: u64, b: u64) -> String {
+fn thin_delta_expected(s: &ModelState, dbs: u32, held_root: u64, a: u64, b: u64) -> String {
     let empty = Default::default();
     let l = s.devices.get(&a).map_or(&empty, |d| &d.mappings);
     let r = s.devices.get(&b).map_or(&empty, |d| &d.mappings);
     let mut keys: Vec<u64> = l.keys().chain(r.keys()).copied().collect();
     keys.sort_unstable();
     keys.dedup();
+    // A held metadata snapshot is named in the header.
+    let snap = if held_root == 0 {
+        String::new()
+    } else {
+        format!(" metadata_snap=\"{held_root}\"")
+    };
     let mut out = format!(
-        "<superblock uuid=\"\" time=\"{}\" transaction=\"{}\" data_block_size=\"{data_block_size}\" \
-         nr_data_blocks=\"{}\">\n  <diff left=\"{a}\" right=\"{b}\">\n",
+        "<superblock uuid=\"\" time=\"{}\" transaction=\"{}\" data_block_size=\"{dbs}\" \
+         nr_data_blocks=\"{}\"{snap}>\n  <diff left=\"{a}\" right=\"{b}\">\n",
         s.time, s.transaction_id, s.nr_data_blocks
     );
     let mut runs: Vec<(&str, u64, u64)> = Vec::new();
@@ -168,6 +175,18 @@ fn verify_with_tools(t: &Tools, img: &[u8], state: &ModelState, want: &str, held
         thin_ls_expected(state),
         "thin_ls differs from the model"
     );
+    // thin_delta between a few pairs of devices (snapshots and their origins among them).
+    let sb = read_superblock(&MemBlockIo::from_image(img.to_vec()).unwrap(), 0).unwrap();
+    let held_root = sb.held_root;
+    let devs: Vec<u64> = state.devices.keys().copied().collect();
+    let last_first = devs.first().zip(devs.last()).map(|(a, b)| (*b, *a));
+    let pairs = devs.windows(2).map(|w| (w[0], w[1])).chain(last_first);
+    for (a, b) in pairs.take(4) {
+        let (sa, sb) = (a.to_string(), b.to_string());
+        let got = stdout_of(&t.delta, &["--snap1", &sa, "--snap2", &sb, p]);
+        let expect = thin_delta_expected(state, data_block_size(want), held_root, a, b);
+        assert_eq!(got, expect, "thin_delta {a} {b} differs from the model");
+    }
     let out = run(Path::new(thin_meta()), &["check", "--exact", p]);
     assert!(
         out.status.success(),
