@@ -698,19 +698,11 @@ impl BdevChannel {
         let mut pool = inner.pool.borrow_mut();
         if pool.nr_free_possible() < 1 + nr_children as usize {
             drop(pool);
-            return Err(SubmitError {
-                error: BdevError::new(
-                    ErrorKind::NoMemory,
-                    format!(
-                        "bdev '{}': channel request pool exhausted",
-                        inner.bdev.name()
-                    ),
-                ),
-                buf: into_buf(payload),
-            });
+            return Err(pool_exhausted(inner, payload));
         }
         let Some(id) = pool.alloc() else {
-            unreachable!("free slots were counted above");
+            drop(pool);
+            return Err(pool_exhausted(inner, payload));
         };
         let (ptr, len) = payload_region(&payload);
         let (payload, owned) = match payload {
@@ -728,60 +720,71 @@ impl BdevChannel {
         slot.parent = NO_PARENT;
         slot.status = IoStatus::Success;
         slot.children_left = nr_children as u32;
+        drop(pool);
         inner.nr_inflight.set(inner.nr_inflight.get() + 1);
-        if !splits {
-            drop(pool);
-            let io = ModuleIo {
-                slot: id,
-                io_type,
-                offset_blocks,
-                num_blocks,
-                owned,
-                ptr,
-                len,
-            };
+        let io = ModuleIo {
+            slot: id,
+            io_type,
+            offset_blocks,
+            num_blocks,
+            owned,
+            ptr,
+            len,
+        };
+        if splits {
+            self.submit_split(io);
+        } else {
             self.submit_to_module(io);
-            return Ok(());
         }
-        let mut children = Vec::new();
-        let mut off = offset_blocks;
-        let end = offset_blocks + num_blocks;
+        Ok(())
+    }
+
+    /// Submits the children of split parent `parent` (whose slot already counts them), one
+    /// per boundary segment, each pointing into the parent's buffer. Slots for all of them
+    /// were reserved by the caller's free-slot check.
+    fn submit_split(&self, parent: ModuleIo) {
+        let inner = &self.inner;
+        let b = inner.boundary;
+        let end = parent.offset_blocks + parent.num_blocks;
+        let mut off = parent.offset_blocks;
         while off < end {
             let n = (b - off % b).min(end - off);
-            let Some(cid) = pool.alloc() else {
-                unreachable!("free slots were counted above");
-            };
-            let byte_off = ((off - offset_blocks) * inner.block_size) as usize;
-            let (cptr, clen) = if io_type.has_data() {
-                // SAFETY: byte_off + n * block_size <= len, inside the parent's region.
+            let (ptr, len) = if parent.io_type.has_data() {
+                let byte_off = ((off - parent.offset_blocks) * inner.block_size) as usize;
+                // SAFETY: byte_off + n * block_size <= parent.len: inside the parent's region.
                 (
-                    unsafe { ptr.add(byte_off) },
+                    unsafe { parent.ptr.add(byte_off) },
                     (n * inner.block_size) as usize,
                 )
             } else {
                 (std::ptr::null_mut(), 0)
             };
+            let mut pool = inner.pool.borrow_mut();
+            let Some(cid) = pool.alloc() else {
+                // Cannot happen (reserved); fail the missing part rather than hang.
+                let p = &mut pool.slots[parent.slot as usize];
+                p.status = IoStatus::Failed(libc::ENOMEM);
+                p.children_left -= 1;
+                off += n;
+                continue;
+            };
             let c = &mut pool.slots[cid as usize];
-            c.io_type = io_type;
-            c.parent = id;
+            c.io_type = parent.io_type;
+            c.parent = parent.slot;
             c.payload = Payload::None;
             c.cb = None;
-            children.push(ModuleIo {
+            drop(pool);
+            self.submit_to_module(ModuleIo {
                 slot: cid,
-                io_type,
+                io_type: parent.io_type,
                 offset_blocks: off,
                 num_blocks: n,
                 owned: None,
-                ptr: cptr,
-                len: clen,
+                ptr,
+                len,
             });
             off += n;
         }
-        drop(pool);
-        for io in children {
-            self.submit_to_module(io);
-        }
-        Ok(())
     }
 
     #[inline]
@@ -884,6 +887,19 @@ impl BdevChannel {
         if let Some(cb) = cb {
             cb(done);
         }
+    }
+}
+
+fn pool_exhausted(inner: &ChannelInner, payload: Payload) -> SubmitError {
+    SubmitError {
+        error: BdevError::new(
+            ErrorKind::NoMemory,
+            format!(
+                "bdev '{}': channel request pool exhausted",
+                inner.bdev.name()
+            ),
+        ),
+        buf: into_buf(payload),
     }
 }
 
