@@ -276,3 +276,77 @@ fn reopened_pool_survives_a_long_transaction() {
         15_000
     );
 }
+
+/// Node-occupancy stress (spec §19 item 8): > 10^4 mappings on one device inserted
+/// sequentially, then removed going down, at random and in ranges, with re-inserts; after
+/// each phase every non-root node must hold ≥ max/3 entries (our checker and thin_check).
+#[test]
+fn occupancy_holds_under_long_insert_and_remove_sequences() {
+    let seed = Rng::seed_from_env("PDATA_SEED");
+    println!("occupancy: seed {seed} (PDATA_SEED={seed} replays)");
+    let mut rng = Rng::new(seed);
+    let io = MemBlockIo::new(1500);
+    let dev = io.clone();
+    let factory = Box::new(move || Box::new(dev.clone()) as Box<dyn BlockIo>);
+    let opts = CacheOpts {
+        nr_cache_blocks: 256,
+    };
+    let mut h = Harness::format(factory, 128, 40_000, opts).unwrap();
+    let thin_check = pdata::testing::require_tool("thin_check");
+    let mut phase = |h: &mut Harness, name: &str| {
+        h.apply(&Op::Commit).unwrap();
+        verify_image(&io, h).unwrap_or_else(|e| panic!("seed {seed} after {name}: {e}"));
+        if let Some(tc) = &thin_check {
+            let f = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(f.path(), io.image()).unwrap();
+            let out = std::process::Command::new(tc)
+                .arg(f.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "thin_check after {name}: {out:?}");
+        }
+        println!(
+            "occupancy: {name}: {} mappings, image clean",
+            h.current.nr_mappings()
+        );
+    };
+    let mut apply = |h: &mut Harness, op: Op| {
+        h.apply(&op)
+            .unwrap_or_else(|e| panic!("seed {seed} {op:?}: {e}"));
+    };
+    apply(&mut h, Op::CreateThin(1));
+    for v in 0..12_000 {
+        apply(&mut h, Op::Provision { dev: 1, vblock: v });
+    }
+    phase(&mut h, "12,000 sequential inserts");
+    for v in (0..12_000).rev().step_by(2) {
+        apply(&mut h, Op::Remove { dev: 1, vblock: v });
+    }
+    phase(&mut h, "every other block removed going down");
+    for _ in 0..6000 {
+        let v = rng.below(12_000);
+        let op = if rng.chance(1, 2) {
+            Op::Remove { dev: 1, vblock: v }
+        } else {
+            Op::Provision { dev: 1, vblock: v }
+        };
+        apply(&mut h, op);
+    }
+    phase(&mut h, "6,000 random removes and inserts");
+    apply(&mut h, Op::CreateSnap { dev: 2, origin: 1 });
+    for begin in (0..12_000).step_by(1500) {
+        apply(
+            &mut h,
+            Op::RemoveRange {
+                dev: 1,
+                begin,
+                end: begin + 1100,
+            },
+        );
+    }
+    phase(&mut h, "range removes on the origin of a snapshot");
+    for v in (0..12_000).rev() {
+        apply(&mut h, Op::Remove { dev: 2, vblock: v });
+    }
+    phase(&mut h, "the snapshot emptied going down");
+}
