@@ -293,7 +293,7 @@ fn occupancy_holds_under_long_insert_and_remove_sequences() {
     };
     let mut h = Harness::format(factory, 128, 40_000, opts).unwrap();
     let thin_check = pdata::testing::require_tool("thin_check");
-    let mut phase = |h: &mut Harness, name: &str| {
+    let phase = |h: &mut Harness, name: &str| {
         h.apply(&Op::Commit).unwrap();
         verify_image(&io, h).unwrap_or_else(|e| panic!("seed {seed} after {name}: {e}"));
         if let Some(tc) = &thin_check {
@@ -310,7 +310,7 @@ fn occupancy_holds_under_long_insert_and_remove_sequences() {
             h.current.nr_mappings()
         );
     };
-    let mut apply = |h: &mut Harness, op: Op| {
+    let apply = |h: &mut Harness, op: Op| {
         h.apply(&op)
             .unwrap_or_else(|e| panic!("seed {seed} {op:?}: {e}"));
     };
