@@ -474,3 +474,50 @@ fn resize_notifies_the_frontend() {
     drop(fe);
     delete_when_idle("vresize.0");
 }
+
+/// GET_VRING_BASE stops the ring only after its in-flight requests completed (their used
+/// entries are published before the reply), and bdev errors reach the guest as IOERR.
+#[test]
+fn stop_waits_for_inflight_and_errors_reach_the_guest() {
+    init();
+    malloc("VhMallocSlowBase", 1024, 4096);
+    let fault = bdev::testing::fault::create("VhSlow", "VhMallocSlowBase").expect("fault bdev");
+    let path = controller("vslow.0", "VhSlow", false);
+    let mut fe = Fe::connect(&path);
+
+    fault.config().set_error_ppm(bdev::IoType::Write, 1_000_000);
+    assert_eq!(fe.request(T_OUT, 0, &[7u8; 4096], false).0, S_IOERR);
+    fault.config().set_error_ppm(bdev::IoType::Write, 0);
+    assert_eq!(fe.request(T_OUT, 0, &[7u8; 4096], false).0, S_OK);
+
+    // A write held back by the bdev for many polls, then GET_VRING_BASE.
+    fault
+        .config()
+        .delay_polls
+        .store(300_000, std::sync::atomic::Ordering::Relaxed);
+    let data = pattern(4096, 5);
+    fe.mem.put(HDR, &[T_OUT.to_le_bytes(), [0; 4]].concat());
+    fe.mem.put(HDR + 8, &8u64.to_le_bytes());
+    fe.mem.put(DATA, &data);
+    fe.mem.put(STATUS, &[0xff]);
+    fe.desc(0, HDR, 16, 1, 1);
+    fe.desc(1, DATA, 4096, 1, 2);
+    fe.desc(2, STATUS, 1, 2, 0);
+    fe.publish(0);
+    std::thread::sleep(Duration::from_millis(5));
+    let before = fe.mem.u16_at(USED + 2);
+    let base = fe.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    let after = fe.mem.u16_at(USED + 2);
+    assert_eq!(base, 3, "next avail index after three requests");
+    assert_eq!(after, 3, "in-flight write completed before the reply");
+    assert_eq!(fe.mem.slice(STATUS, 1)[0], S_OK);
+    if before == 3 {
+        eprintln!("note: the delayed write finished before GET_VRING_BASE was sent");
+    }
+    fault
+        .config()
+        .delay_polls
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    drop(fe);
+    delete_when_idle("vslow.0");
+}
