@@ -187,7 +187,10 @@ impl Ctrlr {
         if kato == 0 {
             return false;
         }
-        let limit = u64::from(kato).div_ceil(1000) * 1000;
+        // Whole seconds as the Linux target counts, plus a grace of half that (at least
+        // 1 s) for hosts whose keep-alive work runs late (hosts send one every KATO/2).
+        let rounded = u64::from(kato).div_ceil(1000) * 1000;
+        let limit = rounded + (rounded / 2).max(1000);
         let now = self.epoch.elapsed().as_millis() as u64;
         now.saturating_sub(self.last_ka_ms.load(Ordering::Relaxed)) > limit
     }

@@ -196,9 +196,15 @@ impl Sqe {
     pub fn u32_at(&self, off: usize) -> u32 {
         u32::from_le_bytes(le(&self.0, off.min(60)))
     }
-    /// Data direction from the opcode's low bits: host-to-controller.
+    /// Data direction from the opcode's low bits: host-to-controller (01b, or 11b
+    /// bidirectional as the Fabrics opcode is; its Connect data is host-to-controller).
     pub fn is_h2c(&self) -> bool {
-        self.opc() & 0x3 == 0x1
+        self.opc() & 0x1 == 0x1
+    }
+
+    /// Data direction from the opcode's low bits: controller-to-host only (10b).
+    pub fn is_c2h(&self) -> bool {
+        self.opc() & 0x3 == 0x2
     }
 }
 

@@ -597,7 +597,7 @@ impl Qpair {
         let r = self.reqs.remove(slot);
         let cid = r.sqe.cid();
         let xfer = r.xfer_len as usize;
-        if status == sc::SUCCESS && xfer > 0 && !r.sqe.is_h2c() {
+        if status == sc::SUCCESS && xfer > 0 && r.sqe.is_c2h() {
             let data = data.unwrap_or(&[]);
             let success = self.sq_flow_disabled && self.opts.c2h_success && dw0 == 0 && dw1 == 0;
             self.send_data(cid, data, xfer, success);

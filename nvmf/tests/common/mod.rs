@@ -294,6 +294,7 @@ impl Host {
                     return (cqe, data);
                 }
                 7 => {
+                    assert!(out.is_empty(), "C2HData for a command that sent data");
                     let datao = u32::from_le_bytes(p.header[12..16].try_into().unwrap());
                     assert_eq!(datao as usize, data.len(), "C2H in order");
                     data.extend_from_slice(&p.data);
