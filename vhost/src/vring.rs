@@ -114,7 +114,16 @@ thread_local! {
 pub fn start(s: VringStart) {
     let done_q: Rc<RefCell<VecDeque<IoDone>>> = Rc::new(RefCell::new(VecDeque::new()));
     let q2 = done_q.clone();
-    let cb: IoCallback = Rc::new(move |d: IoDone| q2.borrow_mut().push_back(d));
+    // A completion may be delivered by the channel's own poller after ours ran in this tick:
+    // the first one queued sends a no-op message so the reactor ticks again (and our poller
+    // runs) instead of going idle in interrupt mode.
+    let cb: IoCallback = Rc::new(move |d: IoDone| {
+        let mut q = q2.borrow_mut();
+        if q.is_empty() {
+            reactor::send_msg(reactor::current(), || {});
+        }
+        q.push_back(d);
+    });
     let ch = s.shared.channel();
     let size = s.queue.size();
     let mut w = Worker {
@@ -222,7 +231,7 @@ impl Worker {
             self.finish_stop();
             return PollStatus::Busy;
         }
-        if work > 0 || self.nr_inflight > 0 {
+        if work > 0 || (self.nr_inflight > 0 && !self.interrupt) {
             return PollStatus::Busy;
         }
         if self.interrupt && self.stopping.is_none() && !self.broken {
