@@ -360,3 +360,25 @@ fn remove_range_keeps_occupancy_and_counts() {
     model.clear();
     check_trees(&mut tm, &[(r, &model), (clone, &clone_model)], &refs);
 }
+
+#[test]
+fn a_node_reached_twice_is_corruption_not_a_loop() {
+    let mut tm = new_tm(1024, 64);
+    let mut root = new_empty(&mut tm, 8).unwrap();
+    for k in 0..1000u64 {
+        root = insert(&mut tm, root, k, &k.to_le_bytes(), &mut NoRefs)
+            .unwrap()
+            .0;
+    }
+    commit(&mut tm);
+    let mut node = read_node(&mut tm, root, 8).unwrap();
+    assert!(!node.leaf && node.nr_entries() >= 2);
+    let first = node.child(0);
+    node.set_child(1, first);
+    tm.bm
+        .write(root, &BTREE_VALIDATOR, |buf| node.pack(buf, root))
+        .unwrap()
+        .unwrap();
+    let e = for_each_entry(&mut tm.bm, root, 8, &mut |_, _| Ok(())).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+}

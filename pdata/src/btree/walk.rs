@@ -73,7 +73,8 @@ pub fn next_entry(
     }
 }
 
-/// Visit every entry in key order (explicit stack, depth-bounded).
+/// Visit every entry in key order (explicit stack, depth-bounded). A node reached twice
+/// within one tree (a cycle or DAG in corrupt metadata) is an error, so the walk is linear.
 pub fn for_each_entry(
     bm: &mut BlockManager,
     root: u64,
@@ -81,7 +82,14 @@ pub fn for_each_entry(
     f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<()> {
     let mut stack: Vec<(u64, usize)> = vec![(root, 0)];
+    let mut seen = std::collections::HashSet::new();
     while let Some((loc, depth)) = stack.pop() {
+        if !seen.insert(loc) {
+            return err(
+                ErrorKind::Corrupt,
+                format!("node {loc} reached twice in tree {root}"),
+            );
+        }
         if depth >= MAX_DEPTH {
             return err(
                 ErrorKind::Limit,
