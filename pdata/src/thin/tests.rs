@@ -576,7 +576,11 @@ fn random_pool_ops_match_model_seed_env() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0xC0FFEE);
-    random_pool_ops(seed, 6000, opts());
+    let cache = std::env::var("PDATA_CACHE_BLOCKS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(opts(), |n| CacheOpts { nr_cache_blocks: n });
+    random_pool_ops(seed, 6000, cache);
 }
 
 #[test]
