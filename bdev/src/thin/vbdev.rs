@@ -33,6 +33,29 @@ use crate::io::{BdevChannel, Completer, IoCallback, IoDone, ModuleChannel, Modul
 /// Most cached lookups per thin bdev (each ~40 bytes); the cache is dropped when full.
 const MAX_CACHE_ENTRIES: usize = 1 << 16;
 
+/// A multiplicative hasher for block-number keys (the data path hashes on every I/O; SipHash
+/// costs more than the rest of the lookup).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct BlockHasher(u64);
+
+impl std::hash::Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type BlockMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<BlockHasher>>;
+
 /// Data blocks a shard reserves per batch; refilled when half used.
 const RESERVE_BATCH: usize = 16;
 
@@ -105,6 +128,7 @@ impl Bdev for ThinBdev {
             t: self.t.clone(),
             completer,
             here,
+            state: None,
         }))
     }
 
@@ -170,6 +194,8 @@ struct ThinChannel {
     t: Arc<Target>,
     completer: Completer,
     here: Option<ReactorId>,
+    /// The shard state, cached by the owner's channel (saves a map lookup per I/O).
+    state: Option<Rc<DevState>>,
 }
 
 impl Drop for ThinChannel {
@@ -185,9 +211,18 @@ impl Drop for ThinChannel {
 
 impl ModuleChannel for ThinChannel {
     fn submit(&mut self, io: ModuleIo) {
+        if let Some(st) = &self.state {
+            return st.submit(io, Done::Local(self.completer.clone()));
+        }
         let here = reactor::current();
         if here == self.t.owner {
-            shard_submit(&self.t, io, Done::Local(self.completer.clone()));
+            match DevState::get(&self.t) {
+                Ok(st) => {
+                    self.state = Some(st.clone());
+                    st.submit(io, Done::Local(self.completer.clone()));
+                }
+                Err(e) => self.completer.complete(io, IoStatus::Failed(e)),
+            }
             return;
         }
         let t = self.t.clone();
@@ -298,10 +333,10 @@ type DataCont = Box<dyn FnOnce(&Rc<DevState>, IoStatus)>;
 struct Inner {
     epoch: u64,
     /// thin block → (data block, shared)
-    cache: HashMap<u64, (u64, bool)>,
+    cache: BlockMap<(u64, bool)>,
     /// Bumped on every mapping change made through this shard.
     generation: u64,
-    busy: HashMap<u64, VecDeque<(ModuleIo, Done)>>,
+    busy: BlockMap<VecDeque<(ModuleIo, Done)>>,
     nr_writes: usize,
     quiescing: u32,
     quiesce_waiters: Vec<Box<dyn FnOnce()>>,
@@ -385,9 +420,9 @@ impl DevState {
                 fast_cb,
                 inner: RefCell::new(Inner {
                     epoch: t.pool.epoch.load(Ordering::Acquire),
-                    cache: HashMap::new(),
+                    cache: BlockMap::default(),
                     generation: 0,
-                    busy: HashMap::new(),
+                    busy: BlockMap::default(),
                     nr_writes: 0,
                     quiescing: 0,
                     quiesce_waiters: Vec::new(),
