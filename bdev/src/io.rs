@@ -25,8 +25,9 @@ use crate::iostat::{ticks, ChannelStats};
 /// fails with `ENOMEM` until something completes.
 pub const MAX_IOS_PER_CHANNEL: usize = 65536;
 
-/// Most completions one [`BdevChannel::poll`] delivers (STYLE rule 10).
-pub const MAX_COMPLETIONS_PER_POLL: usize = 4096;
+/// Most completions one [`BdevChannel::poll`] delivers (STYLE rule 10): everything queued
+/// when it starts, which the in-flight limit bounds.
+pub const MAX_COMPLETIONS_PER_POLL: usize = MAX_IOS_PER_CHANNEL;
 
 const NO_PARENT: u32 = u32::MAX;
 
@@ -49,6 +50,9 @@ pub struct IoDone {
     pub status: IoStatus,
     /// The caller's buffer, returned (reads: filled) — `None` for I/O without data.
     pub buf: Option<IoBuf>,
+    /// Submit-to-completion latency in [`crate::ticks`] units, at poll granularity (the
+    /// value iostat records).
+    pub latency_ticks: u64,
 }
 
 /// A submit that was refused synchronously; the buffer comes back.
@@ -197,8 +201,10 @@ impl ModuleIo {
     }
 }
 
+type Completion = (u32, IoStatus, Option<IoBuf>);
+
 struct CompletionQueue {
-    q: RefCell<VecDeque<(u32, IoStatus, Option<IoBuf>)>>,
+    q: RefCell<Vec<Completion>>,
 }
 
 /// How a module channel reports finished I/O. Cheap to clone; owning thread only.
@@ -212,7 +218,7 @@ impl Completer {
     /// Finishes `io` with `status`. The callback runs later, from the channel's poll.
     #[inline]
     pub fn complete(&self, io: ModuleIo, status: IoStatus) {
-        self.q.q.borrow_mut().push_back((io.slot, status, io.owned));
+        self.q.q.borrow_mut().push((io.slot, status, io.owned));
     }
 }
 
@@ -306,6 +312,12 @@ pub(crate) struct ChannelInner {
     pending_resets: RefCell<VecDeque<ModuleIo>>,
     /// The reactor poller that drives this channel, when created on a reactor.
     poller: Cell<Option<reactor::PollerHandle>>,
+    /// Tick count read once per poll: submissions are stamped with it and completions
+    /// measured against it (as SPDK stamps with the thread's last TSC), so the data path
+    /// reads the clock once per poll, not twice per I/O.
+    now_ticks: Cell<u64>,
+    /// The drained completion batch, kept to reuse its allocation.
+    spare: RefCell<Vec<Completion>>,
 }
 
 impl Drop for ChannelInner {
@@ -385,7 +397,7 @@ impl BdevChannel {
 
     fn create(bdev: &Arc<dyn Bdev>) -> Result<BdevChannel> {
         let done = Rc::new(CompletionQueue {
-            q: RefCell::new(VecDeque::with_capacity(256)),
+            q: RefCell::new(Vec::with_capacity(256)),
         });
         let module = bdev.create_channel(Completer { q: done.clone() })?;
         let mut supported = 0u8;
@@ -412,6 +424,8 @@ impl BdevChannel {
             nr_inflight: Cell::new(0),
             pending_resets: RefCell::new(VecDeque::new()),
             poller: Cell::new(None),
+            now_ticks: Cell::new(ticks()),
+            spare: RefCell::new(Vec::with_capacity(256)),
         };
         let ch = BdevChannel {
             inner: Rc::new(inner),
@@ -716,7 +730,7 @@ impl BdevChannel {
         slot.payload = payload;
         slot.tag = tag;
         slot.cb = Some(cb.clone());
-        slot.start_ticks = ticks();
+        slot.start_ticks = inner.now_ticks.get();
         slot.parent = NO_PARENT;
         slot.status = IoStatus::Success;
         slot.children_left = nr_children as u32;
@@ -805,13 +819,17 @@ impl BdevChannel {
             Ok(mut m) => m.poll(),
             Err(_) => 0,
         };
-        let n = inner.done.q.borrow().len().min(MAX_COMPLETIONS_PER_POLL);
-        for _ in 0..n {
-            let Some((id, status, buf)) = inner.done.q.borrow_mut().pop_front() else {
-                break;
-            };
-            self.finish(id, status, buf);
+        let now = ticks();
+        inner.now_ticks.set(now);
+        // Take the queued batch (bounded by MAX_IOS_PER_CHANNEL); completions queued by the
+        // callbacks below go to the fresh queue and are delivered by the next poll.
+        let mut batch = inner.spare.take();
+        std::mem::swap(&mut *inner.done.q.borrow_mut(), &mut batch);
+        let n = batch.len();
+        for (id, status, buf) in batch.drain(..) {
+            self.finish(id, status, buf, now);
         }
+        *inner.spare.borrow_mut() = batch;
         work += n;
         if !inner.pending_resets.borrow().is_empty()
             && inner.nr_inflight.get() <= inner.pending_resets.borrow().len()
@@ -835,7 +853,7 @@ impl BdevChannel {
         !self.inner.done.q.borrow().is_empty() || self.inner.nr_inflight.get() > 0
     }
 
-    fn finish(&self, id: u32, status: IoStatus, buf: Option<IoBuf>) {
+    fn finish(&self, id: u32, status: IoStatus, buf: Option<IoBuf>, now: u64) {
         let inner = &self.inner;
         let mut pool = inner.pool.borrow_mut();
         let Some(slot) = pool.slots.get_mut(id as usize) else {
@@ -865,6 +883,7 @@ impl BdevChannel {
         let cb = slot.cb.take();
         let payload = std::mem::replace(&mut slot.payload, Payload::None);
         let buf = buf.or_else(|| into_buf(payload));
+        let lat = now.saturating_sub(slot.start_ticks);
         let done = IoDone {
             tag: slot.tag,
             io_type: slot.io_type,
@@ -872,8 +891,8 @@ impl BdevChannel {
             num_blocks: slot.num_blocks,
             status,
             buf,
+            latency_ticks: lat,
         };
-        let lat = ticks().wrapping_sub(slot.start_ticks);
         pool.free.push(top);
         drop(pool);
         let bytes = match done.io_type {
