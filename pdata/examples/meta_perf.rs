@@ -9,9 +9,19 @@ use pdata::MemBlockIo;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let n: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1_000_000);
-    let cache: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(16_384);
-    let opts = CacheOpts { nr_cache_blocks: cache };
+    let n: u64 = args
+        .next()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
+    let cache: usize = args
+        .next()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(16_384);
+    let opts = CacheOpts {
+        nr_cache_blocks: cache,
+    };
     let meta_blocks = (n / 100 + 4096).min(4_161_600);
     let io = MemBlockIo::new(meta_blocks);
     let mut pmd = PoolMetadata::format(Box::new(io.clone()), 128, n + 1000, opts)?;
@@ -40,11 +50,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ins * 1e9 / n as f64,
         commit_time
     );
-    println!("metadata used: {} blocks", pmd.metadata_nr_blocks() - pmd.metadata_nr_free());
+    println!(
+        "metadata used: {} blocks",
+        pmd.metadata_nr_blocks() - pmd.metadata_nr_free()
+    );
     drop(pmd);
     let t = Instant::now();
     let mut pmd = PoolMetadata::open(Box::new(io.clone()), 128, opts)?;
-    println!("open: {:.3} ms, {:?}", t.elapsed().as_secs_f64() * 1e3, pmd.cache_stats());
+    println!(
+        "open: {:.3} ms, {:?}",
+        t.elapsed().as_secs_f64() * 1e3,
+        pmd.cache_stats()
+    );
     let t = Instant::now();
     let mut x = 0x9E37_79B9u64;
     let nr_lookups = 1_000_000u64;
@@ -58,7 +75,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let lk = t.elapsed().as_secs_f64();
-    println!("random lookups: {:.0} ns/lookup, {:?}", lk * 1e9 / nr_lookups as f64, pmd.cache_stats());
+    println!(
+        "random lookups: {:.0} ns/lookup, {:?}",
+        lk * 1e9 / nr_lookups as f64,
+        pmd.cache_stats()
+    );
     let t = Instant::now();
     let removed = pmd.remove_range(DevId(1), ThinBlock(0), ThinBlock(n / 10))?;
     pmd.commit()?;
@@ -70,10 +91,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pmd.create_snap(DevId(2), DevId(1))?;
     pmd.delete_thin(DevId(1))?;
     pmd.commit()?;
-    println!("snapshot + delete origin: {:.3} ms", t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "snapshot + delete origin: {:.3} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let t = Instant::now();
     pmd.delete_thin(DevId(2))?;
     pmd.commit()?;
-    println!("delete {} mappings: {:.2} s", n - removed, t.elapsed().as_secs_f64());
+    println!(
+        "delete {} mappings: {:.2} s",
+        n - removed,
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
