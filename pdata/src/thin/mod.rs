@@ -1085,6 +1085,18 @@ impl PoolMetadata {
         Ok(())
     }
 
+    /// Whether anything changed since the last commit (for periodic commits that skip idle
+    /// pools).
+    pub fn has_uncommitted_changes(&self) -> bool {
+        let sb = &self.committed_sb;
+        self.tm.nr_shadows() > 0
+            || self.tm.sm.ll.has_pending()
+            || self.data_sm.ll.has_pending()
+            || self.details.values().any(|c| c.dirty)
+            || (self.time, self.trans_id, self.held_root) != (sb.time, sb.trans_id, sb.held_root)
+            || self.flags != sb.flags
+    }
+
     /// Data block size in sectors.
     pub fn data_block_size_sectors(&self) -> u32 {
         self.data_block_size

@@ -1128,3 +1128,24 @@ fn thin_restore_image_opens_mutates_and_checks() {
     );
     assert!(!dump.contains("dev_id=\"2\""));
 }
+
+#[test]
+fn uncommitted_changes_are_reported() {
+    let (_io, mut pmd) = new_pool(256, 100);
+    assert!(!pmd.has_uncommitted_changes());
+    pmd.create_thin(DevId(1)).unwrap();
+    assert!(pmd.has_uncommitted_changes());
+    pmd.commit().unwrap();
+    assert!(!pmd.has_uncommitted_changes());
+    pmd.set_transaction_id(0, 1).unwrap();
+    assert!(pmd.has_uncommitted_changes());
+    pmd.commit().unwrap();
+    let d = pmd.alloc_data_block().unwrap();
+    assert!(
+        pmd.has_uncommitted_changes(),
+        "a data allocation is a change"
+    );
+    pmd.dec_data_block(d).unwrap();
+    pmd.abort().unwrap();
+    assert!(!pmd.has_uncommitted_changes());
+}
