@@ -63,7 +63,14 @@ impl Memory {
         // SAFETY: nr_words > 0 (num_blocks and block_size are > 0), so the size is non-zero.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw.cast::<AtomicU64>()).ok_or_else(nomem)?;
-        Ok(Memory { ptr, nr_words })
+        let mem = Memory { ptr, nr_words };
+        // Fault every page in now (SPDK's malloc memory is pinned and touched): otherwise a
+        // large zeroed allocation is a lazy mapping of the shared zero page, and reads of a
+        // fresh bdev would measure one cache-hot page instead of memory.
+        for w in mem.words().iter().step_by(4096 / 8) {
+            w.store(0, Ordering::Relaxed);
+        }
+        Ok(mem)
     }
 
     fn words(&self) -> &[AtomicU64] {
