@@ -60,9 +60,12 @@ fn ext4_modules() -> Vec<(PathBuf, &'static str)> {
     found
 }
 
-/// mkfs.ext4 and its shared libraries (not in guest-run's initramfs).
+/// mkfs.ext4 and its shared libraries (not in guest-run's initramfs), placed under
+/// /opt/e2fs so they never shadow the image's own /lib (the payload sets LD_LIBRARY_PATH).
 fn mkfs_files() -> Vec<String> {
-    let mut files = vec!["/sbin/mkfs.ext4:/sbin/mkfs.ext4".to_owned()];
+    // Sources resolved: guest-run copies a symlink as a (dangling) symlink.
+    let real = |p: &str| std::fs::canonicalize(p).map_or(p.to_owned(), |r| r.display().to_string());
+    let mut files = vec![format!("{}:/opt/e2fs/mkfs.ext4", real("/sbin/mkfs.ext4"))];
     let out = Command::new("ldd")
         .arg("/sbin/mkfs.ext4")
         .output()
@@ -70,7 +73,12 @@ fn mkfs_files() -> Vec<String> {
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
             if !p.contains("libc.so") && !p.contains("ld-linux") {
-                files.push(format!("{p}:{p}"));
+                let name = Path::new(p)
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                files.push(format!("{}:/opt/e2fs/{name}", real(p)));
             }
         }
     }
@@ -139,7 +147,7 @@ fn run_guest(port: u16) -> (i32, String) {
         .args(["--timeout", "420", "--mem", "768"]);
     for (p, name) in ext4_modules() {
         cmd.arg("--file")
-            .arg(format!("{}:/tmp/{name}.ko", p.display()));
+            .arg(format!("{}:/opt/mods/{name}.ko", p.display()));
     }
     for f in mkfs_files() {
         cmd.arg("--file").arg(f);

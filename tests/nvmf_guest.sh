@@ -59,9 +59,10 @@ blkdiscard -o $((1024*1024)) -l $((4*1024*1024)) "$d1"
 say "DISCARD-DONE"
 
 say "ext4"
-for m in crc16 mbcache jbd2 ext4; do insmod "/tmp/$m.ko" 2>/dev/null || true; done
+modprobe crc32c_generic || true
+for m in crc16 mbcache jbd2 ext4; do insmod "/opt/mods/$m.ko"; done
 grep -q ext4 /proc/filesystems || { say "no ext4 in guest kernel"; exit 1; }
-mkfs.ext4 -q -F "$d1"
+LD_LIBRARY_PATH=/opt/e2fs /opt/e2fs/mkfs.ext4 -q -F "$d1"
 mkdir -p /mnt/t
 mount -t ext4 "$d1" /mnt/t
 for i in 1 2 3 4; do dd if=/dev/urandom of=/mnt/t/f$i bs=64k count=16 2>/dev/null; done
