@@ -10,8 +10,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
 echo "== cargo clippy --all-targets -- -D warnings"
-cargo clippy --workspace --all-targets --all-features -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== cargo test"
 # Tests that need a prerequisite fail (not skip) when it is missing under CI=true.
-cargo test --workspace --all-features -- --test-threads=2
+cargo test --workspace -- --test-threads=2
