@@ -84,6 +84,8 @@ pub struct Ctrlr {
     dead: AtomicBool,
     /// AENs are pending for the admin qpair.
     pub aen_flag: AtomicBool,
+    /// CSTS.RDY mirrored for the data path (no mutex per I/O).
+    ready: AtomicBool,
     /// Last keep-alive (ms since `epoch`).
     last_ka_ms: AtomicU64,
     epoch: Instant,
@@ -96,6 +98,11 @@ impl Ctrlr {
     /// Locks the state.
     pub fn lock(&self) -> MutexGuard<'_, CtrlrState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True while CC.EN = 1 and CSTS.RDY = 1 (commands other than Fabrics allowed).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
     }
 
     /// True once torn down.
@@ -333,6 +340,7 @@ impl Qpair {
                 hostid,
                 dead: AtomicBool::new(false),
                 aen_flag: AtomicBool::new(false),
+                ready: AtomicBool::new(false),
                 last_ka_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
                 runtime: reactor::runtime_handle(),
@@ -498,6 +506,7 @@ impl Qpair {
         } else if value & 1 == 0 && old & 1 == 1 {
             st.csts &= !1;
         }
+        c.ready.store(st.csts & 1 == 1, Ordering::Release);
         let shn = (value >> 14) & 0x3;
         if shn != 0 {
             st.csts = (st.csts & !0xC) | (0x2 << 2);
@@ -513,7 +522,7 @@ impl Qpair {
             return Outcome::status(sc::CMD_SEQ_ERROR | DNR);
         };
         c.touch_keep_alive();
-        if c.lock().csts & 1 == 0 {
+        if !c.is_ready() {
             return Outcome::status(sc::CMD_SEQ_ERROR | DNR);
         }
         let sqe = self.reqs[slot].sqe;
