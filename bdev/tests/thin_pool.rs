@@ -636,3 +636,76 @@ fn thin_waiting_write_fails_enospc_after_timeout() {
     thin::delete_pool_blocking("nt_pool").unwrap();
     check_metadata(&rt, "nt_meta");
 }
+
+#[test]
+fn thin_snapshot_while_writes_run_and_512_byte_blocks() {
+    let rt = Rt::start(2, true);
+    thin::set_runtime(rt.h.clone());
+    malloc("sw_data", 32 << 20, 512);
+    malloc("sw_meta", 2 << 20, 4096);
+    thin::create_pool_blocking(pool_opts("sw_pool", "sw_data", "sw_meta")).unwrap();
+    thin::create_thin_blocking("sw_pool", "sw_o", 4 << 20, 512, None).unwrap();
+    let o = open("sw_o");
+    let bs = 512u64;
+    let nr = 64u64; // 64 I/Os of 8 KiB spread over 4 MiB
+    let stride = (4 << 20) / bs / nr;
+    for i in 0..nr {
+        assert_eq!(
+            rt.io(
+                (i % 2) as usize,
+                &o,
+                Req::Write(i * stride + 3, vec![0xaa; 8192])
+            )
+            .unwrap()
+            .0,
+            IoStatus::Success
+        );
+    }
+    // Second generation in flight from both reactors while the snapshot is taken.
+    let rxs: Vec<_> = (0..nr)
+        .map(|i| {
+            rt.submit(
+                (i % 2) as usize,
+                &o,
+                Req::Write(i * stride + 3, vec![0xbb; 8192]),
+            )
+        })
+        .collect();
+    thin::snapshot_blocking("sw_o", "sw_s").unwrap();
+    for rx in rxs {
+        let (st, _, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        assert_eq!(st, IoStatus::Success);
+    }
+    let s = open("sw_s");
+    for i in 0..nr {
+        let off = i * stride + 3;
+        let got_o = ok(rt.io(0, &o, Req::Read(off, 16)));
+        assert_eq!(got_o, vec![0xbb; 8192], "origin I/O {i}");
+        let got_s = ok(rt.io(1, &s, Req::Read(off, 16)));
+        let first = got_s[0];
+        assert!(
+            first == 0xaa || first == 0xbb,
+            "snapshot I/O {i}: {first:#x}"
+        );
+        assert!(
+            got_s.iter().all(|b| *b == first),
+            "snapshot I/O {i} is torn"
+        );
+        // The sector before each write stays zero on both sides.
+        assert_eq!(ok(rt.io(1, &s, Req::Read(off - 1, 1))), vec![0; 512]);
+    }
+    // Writes to the snapshot break sharing without touching the origin.
+    assert_eq!(
+        rt.io(1, &s, Req::Write(3, vec![0xcc; 512])).unwrap().0,
+        IoStatus::Success
+    );
+    assert_eq!(ok(rt.io(0, &o, Req::Read(3, 1))), vec![0xbb; 512]);
+    assert_eq!(ok(rt.io(0, &s, Req::Read(3, 1))), vec![0xcc; 512]);
+    assert_eq!(
+        ok(rt.io(0, &s, Req::Read(4, 1))),
+        ok(rt.io(1, &s, Req::Read(4, 1)))
+    );
+    drop((o, s));
+    thin::delete_pool_blocking("sw_pool").unwrap();
+    check_metadata(&rt, "sw_meta");
+}
