@@ -7,7 +7,12 @@
 //! - Each thin bdev is owned by one reactor (round robin at creation). I/O submitted on other
 //!   reactors is forwarded to the owner and completed back on the submitter ([`vbdev`]).
 //!   The owner serves cached unshared mappings directly on the data bdev and asks the worker
-//!   (message, answer by message) for lookups, allocations, mapping inserts, unmaps, flushes.
+//!   (message, answer by message) for lookups, mapping inserts, unmaps, flushes. It holds a
+//!   batch of reserved data blocks, so a write to a block known to be unmapped (the cache of a
+//!   device created in this session is complete until it overflows) or known shared goes to
+//!   the data bdev first and only then messages the worker to insert the mapping; the write is
+//!   acknowledged after the insert. Reserved blocks are "outstanding" in the worker and are
+//!   excluded from every commit, so they never leak into the committed space map.
 //! - Durability is decided by the worker: commits run every `commit_interval_ms` when dirty
 //!   and on every flush (coalesced: all flushes queued when a round ends share one commit);
 //!   each commit flushes the data bdev first (dm-thin `pre_commit`). A flush with nothing
@@ -20,12 +25,19 @@
 //!
 //! Partial-block unmaps are ignored (as dm-thin); partial write_zeroes zero the range of a
 //! mapped block (unmapped blocks already read as zeroes); whole-block unmap/write_zeroes remove
-//! the mapping.
+//! the mapping (unmap passes freed blocks down to the data bdev when `discard_passdown`).
+//!
+//! Metadata failures (I/O error, checksum, metadata space) roll back to the last commit, set
+//! NEEDS_CHECK and latch the pool read-only: reads and writes to mapped unshared blocks work,
+//! writes needing a new block fail `EIO`, control operations fail `EROFS`.
 
 pub mod meta_io;
 pub mod pool;
 pub mod rpc;
 pub mod vbdev;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};

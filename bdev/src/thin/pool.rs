@@ -138,7 +138,7 @@ const LABEL_CSUM_SALT: u32 = 0x7468_6c62;
 /// Bytes of the label data block that are written and read.
 pub(crate) const LABEL_REGION: usize = 64 * 1024;
 
-fn encode_labels(t: &LabelTable) -> Result<Vec<u8>, BdevError> {
+pub(crate) fn encode_labels(t: &LabelTable) -> Result<Vec<u8>, BdevError> {
     let body = serde_json::to_vec(t)
         .map_err(|e| BdevError::invalid(format!("label table encoding: {e}")))?;
     if LABEL_HEADER + body.len() > LABEL_REGION {
@@ -160,12 +160,17 @@ fn encode_labels(t: &LabelTable) -> Result<Vec<u8>, BdevError> {
 }
 
 pub(crate) fn decode_labels(block: &[u8]) -> Result<LabelTable, String> {
-    let hdr = block.get(..LABEL_HEADER).ok_or("label block truncated")?;
-    if &hdr[..8] != LABEL_MAGIC {
+    let field = |r: std::ops::Range<usize>| -> Result<[u8; 4], String> {
+        block
+            .get(r)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .ok_or_else(|| "label block truncated".to_string())
+    };
+    if block.get(..8) != Some(LABEL_MAGIC.as_slice()) {
         return Err("label block: bad magic".into());
     }
-    let csum = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
-    let len = u32::from_le_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]) as usize;
+    let csum = u32::from_le_bytes(field(8..12)?);
+    let len = u32::from_le_bytes(field(12..16)?) as usize;
     let body = block
         .get(LABEL_HEADER..LABEL_HEADER.saturating_add(len))
         .ok_or("label block: body length beyond block")?;

@@ -11,7 +11,7 @@ use super::{
     reserve_metadata_snap_blocking, resize_thin_blocking, set_transaction_id_blocking,
     snapshot_blocking, spawn_control, PoolOpts,
 };
-use crate::error::{BdevError, Result};
+use crate::error::{BdevError, ErrorKind, Result};
 
 /// Completion of an asynchronous thin RPC.
 pub type ThinRpcDone = Box<dyn FnOnce(Result<Value, BdevError>) + Send>;
@@ -21,7 +21,7 @@ pub type ThinRpcHandler = fn(Value, ThinRpcDone);
 
 fn parse<T: for<'de> Deserialize<'de>>(params: Value) -> Result<T> {
     serde_json::from_value(params)
-        .map_err(|e| BdevError::invalid(format!("invalid parameters: {e}")))
+        .map_err(|e| BdevError::new(ErrorKind::InvalidParams, format!("invalid parameters: {e}")))
 }
 
 fn mib_to_bytes(mib: u64) -> Result<u64> {
