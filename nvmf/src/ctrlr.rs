@@ -153,9 +153,11 @@ impl Ctrlr {
         }
     }
 
-    /// Namespace `nsid` was added, removed or resized: log it and raise a notice.
+    /// Namespace `nsid` was added, removed or resized: log it, raise a notice, and wake
+    /// every qpair so it drops cached namespace handles (a removed namespace's descriptor
+    /// must close even on idle queues).
     pub fn ns_changed(&self, nsid: u32) {
-        let admin = {
+        let (reactors, aen) = {
             let mut st = self.lock();
             if st.changed_ns.len() < MAX_CHANGED_NS {
                 if !st.changed_ns.contains(&nsid) {
@@ -164,16 +166,24 @@ impl Ctrlr {
             } else {
                 st.changed_ns = vec![0xFFFF_FFFF];
             }
-            if st.aec & (1 << 8) == 0 || st.ns_notice_masked {
-                return;
+            let aen = st.aec & (1 << 8) != 0 && !st.ns_notice_masked;
+            if aen {
+                st.ns_notice_masked = true;
+                // Type 2 (notice), info 0 (NS attribute changed), log page 04h.
+                st.pending_aens.push_back(0x02 | (0x04 << 16));
             }
-            st.ns_notice_masked = true;
-            // Type 2 (notice), info 0 (NS attribute changed), log page 04h.
-            st.pending_aens.push_back(0x02 | (0x04 << 16));
-            st.admin.as_ref().map(|a| a.reactor)
+            let reactors: Vec<ReactorId> = st
+                .admin
+                .iter()
+                .chain(st.io_qpairs.values())
+                .map(|q| q.reactor)
+                .collect();
+            (reactors, aen)
         };
-        self.aen_flag.store(true, Ordering::Release);
-        if let Some(r) = admin {
+        if aen {
+            self.aen_flag.store(true, Ordering::Release);
+        }
+        for r in reactors {
             self.runtime.send_msg(r, || {});
         }
     }

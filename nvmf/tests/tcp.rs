@@ -300,7 +300,7 @@ fn discovery_log_lists_subsystem_and_listener() {
 fn namespace_add_and_remove_raise_async_events() {
     let nqn = "nqn.2016-06.io.test:aen";
     let port = export(nqn, "MallocAen1", 64, true);
-    let (mut a, _) = Host::admin_init(port, nqn, HOST, 0, false);
+    let (mut a, cntlid) = Host::admin_init(port, nqn, HOST, 0, false);
     let mut s = sqe(0x09, 0);
     set_u32(&mut s, 40, 0x0B);
     set_u32(&mut s, 44, 1 << 8);
@@ -335,6 +335,20 @@ fn namespace_add_and_remove_raise_async_events() {
     assert_eq!(u32::from_le_bytes(log[0..4].try_into().unwrap()), 2);
     let (_, list) = a.identify(2, 0);
     assert_eq!(u32::from_le_bytes(list[4..8].try_into().unwrap()), 2);
+    // An I/O queue uses the new namespace (caching its channel), then goes idle.
+    let mut q = Host::connect(port, false, false);
+    assert_eq!(q.fabrics_connect(1, 31, 0, cntlid, nqn, HOST, 0).status, 0);
+    let data = pattern(4096, 4);
+    assert_eq!(q.cmd(rw(0x01, 2, 5, 1), &data, true, 0).0.status, 0);
+    assert_eq!(q.cmd(rw(0x02, 2, 5, 1), &[], false, 4096).1, data);
+    let descs = || {
+        bdev::registry()
+            .lookup("MallocAen2")
+            .expect("bdev")
+            .core()
+            .nr_open_descs()
+    };
+    assert_eq!(descs(), 1);
     // Removal: another notice; the namespace is gone from the list.
     let p = a.capsule(&aer, &[]);
     a.send(&p);
@@ -346,6 +360,10 @@ fn namespace_add_and_remove_raise_async_events() {
     );
     let (_, list) = a.identify(2, 0);
     assert_eq!(u32::from_le_bytes(list[4..8].try_into().unwrap()), 0);
+    // The idle I/O queue let go of the descriptor; I/O to the namespace now fails.
+    wait_for(|| descs() == 0);
+    let c = q.cmd(rw(0x02, 2, 5, 1), &[], false, 4096).0;
+    assert_eq!(c.status, 0x0B | DNR);
     rpc("nvmf_delete_subsystem", json!({"nqn": nqn})).unwrap();
 }
 
