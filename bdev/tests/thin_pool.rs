@@ -709,3 +709,49 @@ fn thin_snapshot_while_writes_run_and_512_byte_blocks() {
     thin::delete_pool_blocking("sw_pool").unwrap();
     check_metadata(&rt, "sw_meta");
 }
+
+#[test]
+fn thin_metadata_space_exhaustion_goes_read_only() {
+    let rt = Rt::start(1, true);
+    thin::set_runtime(rt.h.clone());
+    malloc("ms_data", 64 << 20, 4096);
+    malloc("ms_meta", 20 * 4096, 4096);
+    thin::create_pool_blocking(pool_opts("ms_pool", "ms_data", "ms_meta")).unwrap();
+    thin::create_thin_blocking("ms_pool", "ms_thin", 64 << 20, 4096, None).unwrap();
+    let d = open("ms_thin");
+    let bpd = DBS / BS;
+    let mut failed_at = None;
+    let mut last_flushed = 0;
+    for vb in 0..1000 {
+        match write(&rt, 0, &d, vb * bpd, vec![vb as u8; BS as usize]) {
+            IoStatus::Success => {}
+            IoStatus::Failed(e) => {
+                assert_eq!(e, libc::EIO, "block {vb}");
+                failed_at = Some(vb);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+        if vb % 50 == 49 {
+            if rt.io(0, &d, Req::Flush(0, 0)).unwrap().0 != IoStatus::Success {
+                failed_at = Some(vb);
+                break;
+            }
+            last_flushed = vb + 1;
+        }
+    }
+    assert!(failed_at.is_some(), "20 metadata blocks held 1000 mappings");
+    let st = thin::pool_status_blocking("ms_pool").unwrap();
+    assert_eq!(st["mode"], "ro");
+    assert_eq!(st["needs_check"], true);
+    // Everything flushed before the failure is still readable.
+    for vb in 0..last_flushed {
+        assert_eq!(
+            ok(rt.io(0, &d, Req::Read(vb * bpd, 1))),
+            vec![vb as u8; BS as usize]
+        );
+    }
+    drop(d);
+    thin::delete_pool_blocking("ms_pool").unwrap();
+    check_metadata(&rt, "ms_meta");
+}
