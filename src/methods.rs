@@ -22,7 +22,7 @@ pub const NOTIFY_TYPES: &[&str] = &[
 /// Converts a bdev-layer error into SPDK's JSON-RPC error: parameter decoding failures are
 /// `-32602`, everything else `-errno` with the layer's message.
 fn bdev_error(e: &bdev::BdevError) -> RpcError {
-    if e.kind() == bdev::ErrorKind::InvalidArgument && e.context().contains("invalid parameters") {
+    if e.kind() == bdev::ErrorKind::InvalidParams {
         RpcError::invalid_params(e.to_string())
     } else {
         RpcError::errno(e.errno(), e.to_string())

@@ -12,6 +12,9 @@ use std::fmt;
 pub enum ErrorKind {
     /// Bad parameter: out-of-range LBA, misaligned length, bad block size (`EINVAL`).
     InvalidArgument,
+    /// RPC parameters that do not decode: missing, wrong-typed or unknown (`EINVAL`; JSON-RPC
+    /// reports it as `-32602`).
+    InvalidParams,
     /// No bdev (or module) with that name (`ENODEV`).
     NotFound,
     /// A bdev, alias or UUID with that name already exists (`EEXIST`).
@@ -76,7 +79,7 @@ impl BdevError {
     /// Positive errno for RPC (`-errno`) and I/O status.
     pub fn errno(&self) -> i32 {
         match self.kind {
-            ErrorKind::InvalidArgument => libc::EINVAL,
+            ErrorKind::InvalidArgument | ErrorKind::InvalidParams => libc::EINVAL,
             ErrorKind::NotFound | ErrorKind::Removed => libc::ENODEV,
             ErrorKind::AlreadyExists => libc::EEXIST,
             ErrorKind::Claimed => libc::EPERM,

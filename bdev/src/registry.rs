@@ -181,10 +181,14 @@ impl BdevRegistry {
     }
 
     /// `bdev_get_iostat`: `{tick_rate, ticks, bdevs: [...]}` for every bdev or only `name`.
-    pub fn iostat_json(&self, name: Option<&str>) -> Result<Value> {
-        let bdevs = match name {
-            Some(n) => vec![self.lookup(n).ok_or_else(|| not_found(n))?],
-            None => self.list(),
+    pub fn iostat_json(&self, names: &[String]) -> Result<Value> {
+        let bdevs = if names.is_empty() {
+            self.list()
+        } else {
+            names
+                .iter()
+                .map(|n| self.lookup(n).ok_or_else(|| not_found(n)))
+                .collect::<Result<Vec<_>>>()?
         };
         let entries: Vec<Value> = bdevs
             .iter()

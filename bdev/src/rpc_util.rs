@@ -16,8 +16,12 @@ pub fn parse_params<T: DeserializeOwned>(method: &str, params: Value) -> Result<
     } else {
         params
     };
-    serde_json::from_value(params)
-        .map_err(|e| BdevError::invalid(format!("{method}: invalid parameters: {e}")))
+    serde_json::from_value(params).map_err(|e| {
+        BdevError::new(
+            crate::error::ErrorKind::InvalidParams,
+            format!("{method}: invalid parameters: {e}"),
+        )
+    })
 }
 
 /// Every bdev RPC method: `(SPDK method name, handler)`.
@@ -57,12 +61,24 @@ pub fn bdev_get_bdevs(params: Value) -> Result<Value> {
 #[serde(deny_unknown_fields)]
 struct GetIostatParams {
     name: Option<String>,
+    names: Option<Vec<String>>,
     #[allow(dead_code)]
     per_channel: Option<bool>,
+    reset_mode: Option<String>,
 }
 
-/// `bdev_get_iostat` (name optional).
+/// `bdev_get_iostat`: all bdevs, or `name`, or the list `names` (SPDK 26's client sends
+/// `names`). `per_channel` is accepted and the sum over channels is reported; resetting the
+/// counters (`reset_mode` other than `none`) is refused.
 pub fn bdev_get_iostat(params: Value) -> Result<Value> {
     let p: GetIostatParams = parse_params("bdev_get_iostat", params)?;
-    crate::registry().iostat_json(p.name.as_deref())
+    if let Some(mode) = p.reset_mode.as_deref().filter(|m| *m != "none") {
+        return Err(BdevError::new(
+            crate::error::ErrorKind::Unsupported,
+            format!("bdev_get_iostat: reset_mode '{mode}' is not supported"),
+        ));
+    }
+    let mut names: Vec<String> = p.names.unwrap_or_default();
+    names.extend(p.name);
+    crate::registry().iostat_json(&names)
 }

@@ -292,7 +292,7 @@ fn iostat_sums_channels_of_two_reactors() {
     assert_eq!((s.write_zeroes.ops, s.flush.ops), (2, 2));
     assert!(s.read.latency_ticks >= s.read.max_latency_ticks);
     assert!(s.read.max_latency_ticks >= s.read.min_latency_ticks && s.read.min_latency_ticks > 0);
-    let j = registry().iostat_json(Some("cp_iostat")).unwrap();
+    let j = registry().iostat_json(&["cp_iostat".to_owned()]).unwrap();
     let b = &j["bdevs"][0];
     assert_eq!(b["name"], "cp_iostat");
     assert_eq!(b["num_read_ops"], 2);
