@@ -691,8 +691,14 @@ impl Qpair {
         }
         let fd = self.sock.as_raw_fd();
         let want_out = self.wpos < self.wbuf.len();
+        // While output is backed up, input is not read: waking for it would spin.
+        let want_in = self.wbuf.len() < MAX_QUEUED_OUTPUT;
         for (armed, events, wanted) in [
-            (self.armed_in.clone(), libc::POLLIN | libc::POLLRDHUP, true),
+            (
+                self.armed_in.clone(),
+                libc::POLLIN | libc::POLLRDHUP,
+                want_in,
+            ),
             (self.armed_out.clone(), libc::POLLOUT, want_out),
         ] {
             if !wanted || armed.get() {
