@@ -461,28 +461,10 @@ impl Qpair {
             return Ok(());
         }
         let xfer_len = sqe.sgl_len();
-        let (in_data, need_r2t) = match sqe.sgl_id() {
-            spec::SGL_DATA_BLOCK_OFFSET => {
-                if sqe.sgl_addr() != 0 || xfer_len as usize > data.len() {
-                    self.send_resp(sqe.cid(), sc::SGL_OFFSET_INVALID | DNR, 0, 0);
-                    return Ok(());
-                }
-                let buf = IoBuf::from_slice(&data[..xfer_len as usize]);
-                (Some(buf), false)
-            }
-            spec::SGL_TRANSPORT_DATA_BLOCK => {
-                if !data.is_empty() {
-                    self.send_resp(sqe.cid(), sc::SGL_OFFSET_INVALID | DNR, 0, 0);
-                    return Ok(());
-                }
-                if xfer_len > self.opts.max_io_size {
-                    self.send_resp(sqe.cid(), sc::SGL_LEN_INVALID | DNR, 0, 0);
-                    return Ok(());
-                }
-                (None, sqe.is_h2c() && xfer_len > 0)
-            }
-            _ => {
-                self.send_resp(sqe.cid(), sc::SGL_TYPE_INVALID | DNR, 0, 0);
+        let (in_data, need_r2t) = match self.capsule_data(&sqe, data) {
+            Ok(d) => d,
+            Err(status) => {
+                self.send_resp(sqe.cid(), status, 0, 0);
                 return Ok(());
             }
         };
@@ -511,6 +493,30 @@ impl Qpair {
         }
         self.execute(slot);
         Ok(())
+    }
+
+    /// Checks SGL1 against the capsule: in-capsule data (returned), or a transport data
+    /// block (`true` if the host's data must be solicited with an R2T).
+    fn capsule_data(&self, sqe: &Sqe, data: &[u8]) -> Result<(Option<IoBuf>, bool), u16> {
+        let xfer_len = sqe.sgl_len();
+        match sqe.sgl_id() {
+            spec::SGL_DATA_BLOCK_OFFSET => {
+                if sqe.sgl_addr() != 0 || xfer_len as usize > data.len() {
+                    return Err(sc::SGL_OFFSET_INVALID | DNR);
+                }
+                Ok((Some(IoBuf::from_slice(&data[..xfer_len as usize])), false))
+            }
+            spec::SGL_TRANSPORT_DATA_BLOCK => {
+                if !data.is_empty() {
+                    return Err(sc::SGL_OFFSET_INVALID | DNR);
+                }
+                if xfer_len > self.opts.max_io_size {
+                    return Err(sc::SGL_LEN_INVALID | DNR);
+                }
+                Ok((None, sqe.is_h2c() && xfer_len > 0))
+            }
+            _ => Err(sc::SGL_TYPE_INVALID | DNR),
+        }
     }
 
     fn on_h2c(
