@@ -14,4 +14,4 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== cargo test"
 # Tests that need a prerequisite fail (not skip) when it is missing under CI=true.
-cargo test --workspace -- --test-threads=2
+cargo test --workspace --no-fail-fast -- --test-threads=2
