@@ -77,10 +77,7 @@ fn run_on(
     calls: Vec<ConfigCall>,
     clock: Clock,
 ) -> Result<RunOutput, String> {
-    let reactor0 = *handle.reactor_ids().first().ok_or("no reactor started")?;
-    handle
-        .call(reactor0, move || apply_config(calls))
-        .map_err(|e| format!("reactor stopped during config: {e}"))??;
+    apply_config(handle, calls)?;
     let bdevs = select_bdevs(opts)?;
     let plan = plan_jobs(opts, handle, &bdevs)?;
     println!("Running I/O for {} seconds...", opts.time_secs);
@@ -104,12 +101,17 @@ fn run_on(
     Ok(build_report(opts, &plan, outcomes, clock))
 }
 
-/// Runs each config call through the bdev crate's RPC handler of the same name.
+/// Runs each config call through the bdev crate's RPC handler of the same name: the base-bdev
+/// methods on the first reactor, the thin pool methods (which answer asynchronously and need
+/// the reactors to do metadata I/O) from this thread, waiting for each answer.
 ///
 /// Only the `bdev` subsystem is loaded: bdevperf has no NVMe-oF or vhost targets, so the
 /// entries of other subsystems (as in a config saved from `thind`) are skipped with a note.
-fn apply_config(calls: Vec<ConfigCall>) -> Result<(), String> {
+fn apply_config(handle: &RuntimeHandle, calls: Vec<ConfigCall>) -> Result<(), String> {
+    let reactor0 = *handle.reactor_ids().first().ok_or("no reactor started")?;
+    bdev::thin::set_runtime(handle.clone());
     let methods = bdev::rpc_methods();
+    let thin_methods = bdev::thin::rpc::rpc_methods();
     let mut skipped: Vec<String> = Vec::new();
     for call in calls {
         if call.subsystem != "bdev" {
@@ -126,10 +128,24 @@ fn apply_config(calls: Vec<ConfigCall>) -> Result<(), String> {
         if NOOP_METHODS.contains(&call.method.as_str()) {
             continue;
         }
-        let Some((_, handler)) = methods.iter().find(|(name, _)| *name == call.method) else {
+        if let Some((_, handler)) = thin_methods.iter().find(|(name, _)| *name == call.method) {
+            let (tx, rx) = mpsc::channel();
+            handler(
+                call.params,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
+            rx.recv()
+                .map_err(|_| format!("--json: {}: no answer", call.method))?
+                .map_err(|e| format!("--json: {}: {e}", call.method))?;
+            continue;
+        }
+        let Some(&(_, handler)) = methods.iter().find(|(name, _)| *name == call.method) else {
             let known: Vec<&str> = methods
                 .iter()
                 .map(|(n, _)| *n)
+                .chain(thin_methods.iter().map(|(n, _)| *n))
                 .filter(|n| n.ends_with("_create"))
                 .collect();
             return Err(format!(
@@ -139,7 +155,11 @@ fn apply_config(calls: Vec<ConfigCall>) -> Result<(), String> {
                 known.join(", ")
             ));
         };
-        handler(call.params).map_err(|e| format!("--json: {}: {e}", call.method))?;
+        let params = call.params;
+        handle
+            .call(reactor0, move || handler(params))
+            .map_err(|e| format!("reactor stopped during config: {e}"))?
+            .map_err(|e| format!("--json: {}: {e}", call.method))?;
     }
     Ok(())
 }
@@ -596,6 +616,21 @@ mod tests {
     use super::*;
     use crate::cli::{parse_args, Command};
 
+    /// Applies config calls with a shared test runtime (one reactor, interrupt mode).
+    fn apply(calls: Vec<ConfigCall>) -> Result<(), String> {
+        static RT: std::sync::OnceLock<RuntimeHandle> = std::sync::OnceLock::new();
+        let h = RT.get_or_init(|| {
+            let mut o = RuntimeOptions::new(CoreMask::parse("0x1").unwrap());
+            o.interrupt_mode = true;
+            o.pin_threads = false;
+            let rt = Runtime::start(o, || {}).unwrap();
+            let h = rt.handle();
+            std::mem::forget(rt);
+            h
+        });
+        apply_config(h, calls)
+    }
+
     fn options(args: &[&str]) -> Options {
         match parse_args(args) {
             Ok(Command::Run(o)) => *o,
@@ -605,7 +640,7 @@ mod tests {
 
     #[test]
     fn claimed_bdevs_are_skipped_unless_named_for_reading() {
-        apply_config(vec![ConfigCall {
+        apply(vec![ConfigCall {
             subsystem: "bdev".into(),
             method: "bdev_malloc_create".into(),
             params: json!({"name": "SelBase0", "num_blocks": 1024, "block_size": 512}),
@@ -643,7 +678,7 @@ mod tests {
 
     #[test]
     fn hot_removal_drains_the_job() {
-        apply_config(vec![ConfigCall {
+        apply(vec![ConfigCall {
             subsystem: "bdev".into(),
             method: "bdev_malloc_create".into(),
             params: json!({"name": "RmMalloc0", "num_blocks": 2048, "block_size": 512}),
@@ -698,7 +733,7 @@ mod tests {
 
     #[test]
     fn unknown_config_method_names_the_supported_ones() {
-        let e = apply_config(vec![ConfigCall {
+        let e = apply(vec![ConfigCall {
             subsystem: "bdev".into(),
             method: "bdev_nope_create".into(),
             params: json!({}),
@@ -706,7 +741,7 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("unknown method 'bdev_nope_create'"), "{e}");
         assert!(e.contains("bdev_malloc_create"), "{e}");
-        let e = apply_config(vec![ConfigCall {
+        let e = apply(vec![ConfigCall {
             subsystem: "bdev".into(),
             method: "bdev_malloc_create".into(),
             params: json!({"name": "BadParams0", "num_blocks": 8, "block_size": 512, "x": 1}),
@@ -714,7 +749,7 @@ mod tests {
         .unwrap_err();
         assert!(e.starts_with("--json: bdev_malloc_create: "), "{e}");
         // Other subsystems' entries are not bdevperf's business.
-        apply_config(vec![ConfigCall {
+        apply(vec![ConfigCall {
             subsystem: "nvmf".into(),
             method: "nvmf_create_transport".into(),
             params: json!({"trtype": "TCP"}),

@@ -620,3 +620,65 @@ fn sigint_ends_the_run_early_with_a_report() {
     assert!(runtime > 0.5 && runtime < 10.0, "runtime {runtime}");
     assert!(job["iops"].as_f64().unwrap() > 0.0);
 }
+
+/// A config with uring data and metadata files, a thin pool on them, and (first run only)
+/// the thin bdev `thin0`; on later runs the pool brings `thin0` back by itself.
+fn thin_config(dir: &Path, create_thin: bool) -> PathBuf {
+    let (data, meta) = (dir.join("data.img"), dir.join("meta.img"));
+    for (f, len) in [(&data, 64u64 << 20), (&meta, 4 << 20)] {
+        if !f.exists() {
+            std::fs::File::create(f)
+                .and_then(|h| h.set_len(len))
+                .expect("backing file");
+        }
+    }
+    let mut calls = vec![
+        json!({"method": "bdev_uring_create",
+               "params": {"name": "d0", "filename": data, "block_size": 4096}}),
+        json!({"method": "bdev_uring_create",
+               "params": {"name": "m0", "filename": meta, "block_size": 4096}}),
+        json!({"method": "bdev_thin_pool_create",
+               "params": {"name": "pool0", "data_bdev": "d0", "metadata_bdev": "m0"}}),
+    ];
+    if create_thin {
+        calls.push(json!({"method": "bdev_thin_create",
+                          "params": {"pool": "pool0", "name": "thin0", "size_in_mib": 32}}));
+    }
+    write_config(dir, Value::Array(calls))
+}
+
+#[test]
+fn verify_passes_on_a_thin_bdev_and_its_pool_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = thin_config(dir.path(), true);
+    let args = |c: &Path| {
+        let c = c.to_str().unwrap().to_owned();
+        move |w: &'static str| {
+            vec![
+                "-q".to_owned(),
+                "16".into(),
+                "-o".into(),
+                "16k".into(),
+                "-w".into(),
+                w.into(),
+                "-t".into(),
+                "1".into(),
+                "-T".into(),
+                "thin0".into(),
+                "--json".into(),
+                c.clone(),
+            ]
+        }
+    };
+    let a = args(&config);
+    let v = a("verify");
+    let run = bdevperf(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    check_sane(&run, "thin0", "verify");
+    assert!(run.job("thin0")["io_failed"] == 0, "{}", run.stdout);
+    // The pool was committed on exit: it reopens with thin0 registered from its own metadata.
+    let config = thin_config(dir.path(), false);
+    let a = args(&config);
+    let v = a("randread");
+    let run = bdevperf(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    check_sane(&run, "thin0", "randread");
+}
