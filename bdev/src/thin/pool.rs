@@ -28,6 +28,9 @@ use crate::bdev::{Bdev, Uuid};
 use crate::desc::BdevDesc;
 use crate::error::{BdevError, ErrorKind};
 
+/// Thin blocks a cache-miss lookup returns at once (one B-tree leaf holds up to 252).
+pub const LOOKUP_WINDOW: u64 = 256;
+
 /// Pool modes (status `mode`).
 pub const MODE_RW: u8 = 0;
 /// Read-only after a metadata failure.
@@ -309,6 +312,37 @@ impl Worker {
                 Err(libc::EIO)
             }
         }
+    }
+
+    /// The mapped blocks of `dev` in the aligned window of [`LOOKUP_WINDOW`] thin blocks that
+    /// holds `block`: `(thin block, data block, shared)`. A shard whose cache misses asks for the
+    /// whole window, so a cold cache (after a reopen) warms with one round trip per window
+    /// instead of one per block.
+    pub fn lookup_window(&mut self, dev: u64, block: u64) -> Result<Vec<(u64, u64, bool)>, i32> {
+        let begin = block - block % LOOKUP_WINDOW;
+        let end = begin.saturating_add(LOOKUP_WINDOW);
+        let mut found = Vec::new();
+        let mut failure = None;
+        for m in self
+            .pmd
+            .mappings(DevId(dev), ThinBlock(begin), ThinBlock(end))
+        {
+            match m {
+                Ok((b, l)) => found.push((b.0, l.data_block.0, l.shared)),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failure {
+            if is_metadata_failure(&e) {
+                self.fail("lookup", &e);
+            }
+            return Err(libc::EIO);
+        }
+        debug_assert!(found.iter().all(|&(b, _, _)| (begin..end).contains(&b)));
+        Ok(found)
     }
 
     fn data_count(&mut self, b: u64) -> Result<u32, i32> {

@@ -605,15 +605,23 @@ impl DevState {
         let dev = self.t.dev;
         let gen = self.inner.borrow().generation;
         self.call(
-            move |w, reply| reply(w.lookup(dev, vb)),
+            move |w, reply| reply(w.lookup_window(dev, vb)),
             move |st, r| match r {
-                Ok(Some((d, shared))) => {
-                    st.cache_put(vb, d, shared, Some(gen));
-                    st.fast_rw(io, done, d, off, false, None)
-                }
-                Ok(None) => {
-                    io.buf_mut().fill(0);
-                    done.finish(io, IoStatus::Success)
+                Ok(found) => {
+                    let mut hit = None;
+                    for &(b, d, shared) in &found {
+                        st.cache_put(b, d, shared, Some(gen));
+                        if b == vb {
+                            hit = Some(d);
+                        }
+                    }
+                    match hit {
+                        Some(d) => st.fast_rw(io, done, d, off, false, None),
+                        None => {
+                            io.buf_mut().fill(0);
+                            done.finish(io, IoStatus::Success)
+                        }
+                    }
                 }
                 Err(e) => done.finish(io, IoStatus::Failed(e)),
             },
