@@ -182,10 +182,13 @@ fn select_bdevs(opts: &Options) -> Result<Vec<Arc<dyn Bdev>>, String> {
         }
         return Ok(vec![bdev]);
     }
+    // Bdevs that take no reads or writes at all (a thin pool's control-only bdev, registered so
+    // that save_config orders the pool after its base bdevs) are not I/O targets.
     let bdevs: Vec<Arc<dyn Bdev>> = registry
         .list()
         .into_iter()
         .filter(|b| b.core().claimed_by().is_none())
+        .filter(|b| b.io_type_supported(IoType::Read) || b.io_type_supported(IoType::Write))
         .collect();
     if bdevs.is_empty() {
         return Err("no bdevs to run on: give a --json config that creates some".into());
