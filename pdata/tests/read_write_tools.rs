@@ -200,7 +200,9 @@ fn checker_rejects_everything_thin_check_rejects() {
         "mutations: {both} rejected by both, {only_ours} only by thin-meta check, {neither} \
          accepted by both"
     );
-    assert!(both > 50, "too few rejected mutations to mean anything");
+    // About a quarter of the ~210 mutations make thin_check fail (mean ~52, sd ~6); the real
+    // assertion is the panic above, this one only checks that the run exercised rejections.
+    assert!(both >= 20, "too few rejected mutations to mean anything");
 }
 
 #[test]
