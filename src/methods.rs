@@ -30,44 +30,20 @@ fn bdev_error(e: &bdev::BdevError) -> RpcError {
 }
 
 /// Registers the bdev methods (`bdev_*_create/delete/resize/rescan`, `bdev_get_bdevs`,
-/// `bdev_get_iostat`, `bdev_wait_for_examine`).
+/// `bdev_get_iostat`, `bdev_wait_for_examine`) and forwards every bdev registration and
+/// unregistration (base bdevs, thin bdevs, those a reopened pool brings back) to the
+/// notification ring.
 pub fn register_bdev(registry: &Registry, notifier: &Arc<Notifier>) {
+    let n = notifier.clone();
+    bdev::registry().subscribe(move |event, name| {
+        n.send(event, name);
+    });
     for (name, handler) in bdev::rpc_methods() {
-        let notifier = notifier.clone();
         registry.register_sync(
             name,
             StateMask::RUNTIME,
             "bdev method (SPDK parameters)",
-            move |p| {
-                let before: Vec<String> = if name.ends_with("_create") || name.ends_with("_delete")
-                {
-                    bdev::registry()
-                        .list()
-                        .iter()
-                        .map(|b| b.name().to_owned())
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                let result = handler(p.unwrap_or(Value::Null)).map_err(|e| bdev_error(&e))?;
-                if name.ends_with("_create") {
-                    if let Some(created) = result.as_str() {
-                        if !before.iter().any(|b| b == created) {
-                            notifier.send("bdev_register", created);
-                        }
-                    }
-                } else if name.ends_with("_delete") {
-                    let after: Vec<String> = bdev::registry()
-                        .list()
-                        .iter()
-                        .map(|b| b.name().to_owned())
-                        .collect();
-                    for gone in before.iter().filter(|b| !after.contains(b)) {
-                        notifier.send("bdev_unregister", gone);
-                    }
-                }
-                Ok(result)
-            },
+            move |p| handler(p.unwrap_or(Value::Null)).map_err(|e| bdev_error(&e)),
         );
     }
     registry.register_sync(
@@ -122,36 +98,14 @@ pub fn register_subsystems(subsystems: &Subsystems) {
 /// (low water mark, out of data space, read-only) to the notification ring.
 pub fn register_thin(registry: &Registry, notifier: &Arc<Notifier>) {
     for (name, handler) in bdev::thin::rpc::rpc_methods() {
-        let notifier = notifier.clone();
         registry.register(
             name,
             StateMask::RUNTIME,
             "thin pool method (see README)",
-            move |params, resp| {
-                let notifier = notifier.clone();
-                let creates = name == "bdev_thin_create" || name == "bdev_thin_snapshot";
-                let deletes = name == "bdev_thin_delete";
-                let target = params
-                    .as_ref()
-                    .and_then(|p| p.get("name"))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
+            move |p, resp| {
                 handler(
-                    params.unwrap_or(Value::Null),
-                    Box::new(move |r| {
-                        if let Ok(v) = &r {
-                            if creates {
-                                if let Some(created) = v.as_str() {
-                                    notifier.send("bdev_register", created);
-                                }
-                            } else if deletes {
-                                if let Some(gone) = &target {
-                                    notifier.send("bdev_unregister", gone);
-                                }
-                            }
-                        }
-                        resp.send(r.map_err(|e| bdev_error(&e)));
-                    }),
+                    p.unwrap_or(Value::Null),
+                    Box::new(move |r| resp.send(r.map_err(|e| bdev_error(&e)))),
                 );
             },
         );

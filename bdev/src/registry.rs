@@ -27,13 +27,18 @@ struct Maps {
 /// The process-wide bdev registry; get it with [`registry`].
 pub struct BdevRegistry {
     maps: Mutex<Maps>,
+    listeners: Mutex<Vec<Listener>>,
 }
+
+/// Called with (`"bdev_register"` | `"bdev_unregister"`, bdev name) after each change.
+type Listener = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// The process-wide registry.
 pub fn registry() -> &'static BdevRegistry {
     static R: OnceLock<BdevRegistry> = OnceLock::new();
     R.get_or_init(|| BdevRegistry {
         maps: Mutex::new(Maps::default()),
+        listeners: Mutex::new(Vec::new()),
     })
 }
 
@@ -44,6 +49,27 @@ fn not_found(name: &str) -> BdevError {
 impl BdevRegistry {
     fn lock(&self) -> MutexGuard<'_, Maps> {
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribes `f` to registrations: it is called with `"bdev_register"` or
+    /// `"bdev_unregister"` and the bdev's name after every change, on the thread that made it
+    /// (control path; never under the registry lock).
+    pub fn subscribe(&self, f: impl Fn(&str, &str) + Send + Sync + 'static) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(f));
+    }
+
+    fn notify(&self, event: &str, name: &str) {
+        let listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for l in listeners {
+            l(event, name);
+        }
     }
 
     /// Registers `bdev` under its name, aliases and UUID, then lets every module examine it.
@@ -76,6 +102,7 @@ impl BdevRegistry {
             m.bdevs.push(bdev.clone());
             core.lock().registered = true;
         }
+        self.notify("bdev_register", bdev.core().name());
         for module in modules() {
             if module.name() != bdev.core().module_name() {
                 module.examine(&bdev);
@@ -109,6 +136,7 @@ impl BdevRegistry {
             }
             (cbs, destruct)
         };
+        self.notify("bdev_unregister", bdev.core().name());
         for cb in callbacks {
             cb.deliver(BdevEvent::Remove);
         }
