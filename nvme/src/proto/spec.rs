@@ -109,6 +109,24 @@ pub mod reg {
     pub const CSTS: u32 = 0x1C;
 }
 
+/// Identify CNS values.
+pub mod cns {
+    /// Identify Namespace.
+    pub const NAMESPACE: u8 = 0x00;
+    /// Identify Controller.
+    pub const CONTROLLER: u8 = 0x01;
+    /// Active Namespace ID list.
+    pub const ACTIVE_NS_LIST: u8 = 0x02;
+}
+
+/// Feature identifiers.
+pub mod feat {
+    /// Number of Queues.
+    pub const NUMBER_OF_QUEUES: u8 = 0x07;
+    /// Keep Alive Timer.
+    pub const KEEP_ALIVE_TIMER: u8 = 0x0F;
+}
+
 /// SGL descriptor identifier: data block, offset subtype (in-capsule data).
 pub const SGL_DATA_BLOCK_OFFSET: u8 = 0x01;
 /// SGL descriptor identifier: transport data block (data via R2T/H2CData or C2HData).
@@ -208,6 +226,61 @@ impl Sqe {
     }
 }
 
+impl Sqe {
+    /// A zeroed SQE with opcode `opc`, PSDT 01b (SGL) and namespace `nsid`.
+    pub fn new(opc: u8, nsid: u32) -> Sqe {
+        let mut b = [0u8; 64];
+        b[0] = opc;
+        b[1] = 0x40;
+        b[4..8].copy_from_slice(&nsid.to_le_bytes());
+        Sqe(b)
+    }
+    /// Sets the command identifier.
+    pub fn set_cid(&mut self, cid: u16) {
+        self.0[2..4].copy_from_slice(&cid.to_le_bytes());
+    }
+    /// Sets byte `off` (< 64).
+    pub fn set_byte(&mut self, off: usize, v: u8) {
+        if let Some(b) = self.0.get_mut(off) {
+            *b = v;
+        }
+    }
+    /// Sets the little-endian u16 at `off` (<= 62).
+    pub fn set_u16(&mut self, off: usize, v: u16) {
+        if let Some(b) = self.0.get_mut(off..off + 2) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    /// Sets the little-endian u32 at `off` (<= 60).
+    pub fn set_u32(&mut self, off: usize, v: u32) {
+        if let Some(b) = self.0.get_mut(off..off + 4) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    /// Sets the little-endian u64 at `off` (<= 56).
+    pub fn set_u64(&mut self, off: usize, v: u64) {
+        if let Some(b) = self.0.get_mut(off..off + 8) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    /// Sets command dword `n` (10..=15).
+    pub fn set_cdw(&mut self, n: usize, v: u32) {
+        debug_assert!((10..=15).contains(&n));
+        self.set_u32(40 + n.saturating_sub(10) * 4, v);
+    }
+    /// Sets SGL1: `len` bytes, in-capsule (offset 0) or transport data block.
+    pub fn set_sgl(&mut self, len: u32, in_capsule: bool) {
+        self.set_u64(24, 0);
+        self.set_u32(32, len);
+        self.0[36..39].fill(0);
+        self.0[39] = if in_capsule {
+            SGL_DATA_BLOCK_OFFSET
+        } else {
+            SGL_TRANSPORT_DATA_BLOCK
+        };
+    }
+}
+
 /// A completion queue entry (before encoding).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cqe {
@@ -256,6 +329,25 @@ pub fn put_str(dst: &mut [u8], s: &str, pad: u8) {
     dst.fill(pad);
     let n = s.len().min(dst.len());
     dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+impl Cqe {
+    /// Status code type (bits 10:8 of the shifted-down status).
+    pub fn sct(&self) -> u16 {
+        (self.status >> 8) & 0x7
+    }
+    /// Status code.
+    pub fn sc(&self) -> u16 {
+        self.status & 0xFF
+    }
+    /// True for a successful completion.
+    pub fn is_success(&self) -> bool {
+        self.status & 0x7FF == 0
+    }
+    /// Do Not Retry.
+    pub fn dnr(&self) -> bool {
+        self.status & DNR != 0
+    }
 }
 
 /// Reads a NUL-terminated ASCII string field.

@@ -141,3 +141,245 @@ proptest! {
         let _ = decode(&bytes, &l);
     }
 }
+
+fn host_lim(hdgst: bool, ddgst: bool) -> HostRecvLimits {
+    HostRecvLimits {
+        ic_done: true,
+        hdgst,
+        ddgst,
+        max_c2h_data: 1 << 20,
+    }
+}
+
+#[test]
+fn host_encoders_decode_on_the_target_side() {
+    let ic = ic_req(3);
+    let mut l = lim(false, false);
+    l.ic_done = false;
+    assert_eq!(
+        decode(&ic, &l),
+        Ok(HostPdu::IcReq {
+            pfv: 0,
+            hpda: 0,
+            dgst: 3,
+            maxr2t: 0
+        })
+    );
+    let mut sqe = [0u8; 64];
+    sqe[0] = 1;
+    sqe[2] = 9;
+    let mut out = Vec::new();
+    push_capsule_cmd(&mut out, &sqe, &[5; 40], true, true);
+    match decode(&out, &lim(true, true)) {
+        Ok(HostPdu::CapsuleCmd {
+            sqe: s,
+            data,
+            ddgst_ok,
+        }) => {
+            assert_eq!((s.0, data, ddgst_ok), (sqe, &[5u8; 40][..], true));
+        }
+        other => panic!("{other:?}"),
+    }
+    out.clear();
+    let f = H2cFlags {
+        last: true,
+        hdgst: true,
+        ddgst: true,
+    };
+    push_h2c_data(&mut out, 7, 3, 4096, &[1; 512], f);
+    match decode(&out, &lim(true, true)) {
+        Ok(HostPdu::H2CData {
+            cccid,
+            ttag,
+            datao,
+            last,
+            data,
+            ddgst_ok,
+        }) => {
+            assert_eq!(
+                (cccid, ttag, datao, last, data.len(), ddgst_ok),
+                (7, 3, 4096, true, 512, true)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn target_encoders_decode_on_the_host_side() {
+    let r = ic_resp(1, 65536);
+    let mut l = host_lim(false, false);
+    l.ic_done = false;
+    assert_eq!(
+        decode_ctrlr(&r, &l),
+        Ok(CtrlrPdu::IcResp {
+            pfv: 0,
+            cpda: 0,
+            dgst: 1,
+            maxh2cdata: 65536
+        })
+    );
+    assert_eq!(
+        decode_ctrlr(&r, &host_lim(false, false)),
+        Err(Fatal::status(fes::SEQUENCE))
+    );
+    for (hd, dd) in [(false, false), (true, false), (false, true), (true, true)] {
+        let l = host_lim(hd, dd);
+        let cqe = Cqe {
+            dw0: 1,
+            dw1: 2,
+            sqhd: 3,
+            sqid: 4,
+            cid: 5,
+            status: 0x4002,
+        };
+        let mut out = Vec::new();
+        push_capsule_resp(&mut out, &cqe.encode(), hd);
+        assert_eq!(decode_ctrlr(&out, &l), Ok(CtrlrPdu::CapsuleResp { cqe }));
+        out.clear();
+        push_r2t(&mut out, 5, 6, 0, 8192, hd);
+        assert_eq!(
+            decode_ctrlr(&out, &l),
+            Ok(CtrlrPdu::R2T {
+                cccid: 5,
+                ttag: 6,
+                r2to: 0,
+                r2tl: 8192
+            })
+        );
+        out.clear();
+        let f = C2hFlags {
+            last: true,
+            success: false,
+            hdgst: hd,
+            ddgst: dd,
+        };
+        push_c2h_data(&mut out, 5, 512, &[9; 100], f);
+        assert_eq!(
+            decode_ctrlr(&out, &l),
+            Ok(CtrlrPdu::C2HData {
+                cccid: 5,
+                datao: 512,
+                last: true,
+                success: false,
+                data: &[9; 100],
+                ddgst_ok: true
+            })
+        );
+        if dd {
+            let n = out.len();
+            out[n - 10] ^= 1;
+            assert!(matches!(
+                decode_ctrlr(&out, &l),
+                Ok(CtrlrPdu::C2HData {
+                    ddgst_ok: false,
+                    ..
+                })
+            ));
+        }
+        if hd {
+            out[12] ^= 1;
+            assert_eq!(decode_ctrlr(&out, &l), Err(Fatal::status(fes::HDGST)));
+        }
+    }
+    let mut out = Vec::new();
+    push_term_req(&mut out, Fatal::field(2), &[1; 30]);
+    assert_eq!(
+        decode_ctrlr(&out, &host_lim(true, true)),
+        Ok(CtrlrPdu::TermReq { fes: 1, fei: 2 })
+    );
+}
+
+#[test]
+fn host_rejects_wrong_pdus() {
+    let l = host_lim(false, false);
+    // A host PDU type from the controller.
+    let mut out = Vec::new();
+    push_capsule_cmd(&mut out, &[0; 64], &[], false, false);
+    assert_eq!(decode_ctrlr(&out, &l), Err(Fatal::field(0)));
+    // SUCCESS without LAST_PDU.
+    out.clear();
+    push_c2h_data(
+        &mut out,
+        1,
+        0,
+        &[1; 8],
+        C2hFlags {
+            last: true,
+            success: false,
+            hdgst: false,
+            ddgst: false,
+        },
+    );
+    out[1] = FLAG_SUCCESS;
+    assert_eq!(decode_ctrlr(&out, &l), Err(Fatal::field(1)));
+    // More data than the host ever asked for.
+    out.clear();
+    push_c2h_data(
+        &mut out,
+        1,
+        0,
+        &[1; 64],
+        C2hFlags {
+            last: true,
+            success: false,
+            hdgst: false,
+            ddgst: false,
+        },
+    );
+    let small = HostRecvLimits {
+        max_c2h_data: 32,
+        ..l
+    };
+    assert_eq!(
+        decode_ctrlr(&out, &small),
+        Err(Fatal::status(fes::LIMIT_EXCEEDED))
+    );
+    // Missing header digest when negotiated.
+    out.clear();
+    push_r2t(&mut out, 1, 1, 0, 4096, false);
+    assert_eq!(
+        decode_ctrlr(&out, &host_lim(true, false)),
+        Err(Fatal::field(1))
+    );
+}
+
+proptest! {
+    #[test]
+    fn host_decoder_never_panics_on_garbage(
+        bytes in prop::collection::vec(any::<u8>(), 0..400), ic: bool, hd: bool, dd: bool,
+        max in 0u32..512,
+    ) {
+        let l = HostRecvLimits { ic_done: ic, hdgst: hd, ddgst: dd, max_c2h_data: max };
+        if let Some(ch) = Ch::parse(&bytes) {
+            if let Ok(plen) = check_ctrlr_header(&ch, &l) {
+                prop_assert!(plen <= 152 || plen <= 24 + 8 + max as usize);
+                if plen <= bytes.len() {
+                    let _ = decode_ctrlr(&bytes[..plen], &l);
+                }
+            }
+        }
+        let _ = decode_ctrlr(&bytes, &l);
+    }
+
+    #[test]
+    fn host_decoder_detects_corruption(
+        data in prop::collection::vec(any::<u8>(), 1..300),
+        flip in 0usize..400, bit in 0u8..8, cut in 0usize..400,
+    ) {
+        let l = host_lim(true, true);
+        let mut pdu = Vec::new();
+        push_c2h_data(&mut pdu, 3, 0, &data, C2hFlags { last: true, success: false, hdgst: true, ddgst: true });
+        let cut = cut.min(pdu.len());
+        if cut < pdu.len() {
+            prop_assert!(decode_ctrlr(&pdu[..cut], &l).is_err());
+        }
+        let i = flip % pdu.len();
+        pdu[i] ^= 1 << bit;
+        match decode_ctrlr(&pdu, &l) {
+            Ok(CtrlrPdu::C2HData { ddgst_ok, .. }) => prop_assert!(i >= 28 && !ddgst_ok, "flip at {} undetected", i),
+            Ok(other) => prop_assert!(false, "{:?}", other),
+            Err(_) => {}
+        }
+    }
+}
