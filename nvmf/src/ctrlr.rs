@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use reactor::{PollStatus, ReactorId, RuntimeHandle};
 
 use crate::spec::{self, admin, fabrics, reg, sc, DNR};
-use crate::subsystem::{self, Subsystem};
+use crate::subsystem::{self, ListenAddr, Subsystem};
 use crate::tcp::qpair::{Outcome, Qpair};
 use crate::trace;
 
@@ -28,6 +28,43 @@ const KAS: u16 = 10;
 const DISCOVERY_KATO_MS: u32 = 120_000;
 /// Most changed-namespace list entries before reporting overflow.
 const MAX_CHANGED_NS: usize = 1024;
+/// ACL (0's based): 4 outstanding Abort commands.
+const ACL: u8 = 3;
+/// Abort Command Limit Exceeded (SCT 1, SC 03h), shifted-down form.
+const SC_ABORT_LIMIT: u16 = 0x103;
+
+/// Asynchronous event notices this target raises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// Namespace Attribute Changed (log page 04h), for I/O controllers.
+    NsAttrChanged,
+    /// Discovery Log Page Change (log page 70h), for discovery controllers.
+    DiscoveryLogChanged,
+}
+
+impl Notice {
+    /// The AER completion DW0: type 2 (notice), the event information, the log page.
+    fn dw0(self) -> u32 {
+        match self {
+            Notice::NsAttrChanged => 0x02 | (0x04 << 16),
+            Notice::DiscoveryLogChanged => 0x02 | (0xF0 << 8) | (0x70 << 16),
+        }
+    }
+    /// The Asynchronous Event Configuration bit (feature 0Bh) that enables it.
+    fn aec_bit(self) -> u32 {
+        match self {
+            Notice::NsAttrChanged => 1 << 8,
+            Notice::DiscoveryLogChanged => 1 << 31,
+        }
+    }
+    /// Its bit in [`CtrlrState::masked_notices`].
+    fn mask_bit(self) -> u8 {
+        match self {
+            Notice::NsAttrChanged => 1,
+            Notice::DiscoveryLogChanged => 2,
+        }
+    }
+}
 
 /// Controller state behind the mutex.
 #[derive(Debug)]
@@ -50,8 +87,9 @@ pub struct CtrlrState {
     pub changed_ns: Vec<u32>,
     /// AEN completions waiting for an AER.
     pub pending_aens: VecDeque<u32>,
-    /// Namespace notices are masked until the host reads log page 04h.
-    pub ns_notice_masked: bool,
+    /// Notices already raised, masked until the host reads their log page with RAE 0
+    /// (bits of [`Notice::mask_bit`]).
+    pub masked_notices: u8,
     /// Volatile write cache enabled (feature 06h).
     pub vwc: bool,
 }
@@ -67,6 +105,8 @@ pub struct QpairInfo {
     pub peer: std::net::SocketAddr,
     /// Our address.
     pub local: std::net::SocketAddr,
+    /// The listener the connection came in through.
+    pub listen: ListenAddr,
 }
 
 /// An NVMe controller (dynamic model).
@@ -153,6 +193,53 @@ impl Ctrlr {
         }
     }
 
+    /// Listener `addr` was removed from the subsystem: if the admin queue came in through
+    /// it the controller goes; else each I/O queue that did closes.
+    pub fn disconnect_listener(&self, addr: &ListenAddr) {
+        let io: Vec<u64> = {
+            let st = self.lock();
+            if st.admin.as_ref().is_some_and(|a| a.listen == *addr) {
+                drop(st);
+                self.fail("listener removed");
+                return;
+            }
+            st.io_qpairs
+                .values()
+                .filter(|q| q.listen == *addr)
+                .map(|q| q.id)
+                .collect()
+        };
+        for id in io {
+            crate::tcp::close_qpair(id, "listener removed");
+        }
+    }
+
+    /// Queues `notice` for the admin queue's AERs if the host enabled it and the same kind
+    /// is not masked (raised and its log page not yet read); true if queued.
+    fn queue_notice(st: &mut CtrlrState, notice: Notice) -> bool {
+        if st.aec & notice.aec_bit() == 0 || st.masked_notices & notice.mask_bit() != 0 {
+            return false;
+        }
+        st.masked_notices |= notice.mask_bit();
+        st.pending_aens.push_back(notice.dw0());
+        true
+    }
+
+    /// The discovery log changed: a Discovery Log Change notice if the host asked for it.
+    pub fn discovery_log_changed(&self) {
+        let admin = {
+            let mut st = self.lock();
+            if !Self::queue_notice(&mut st, Notice::DiscoveryLogChanged) {
+                return;
+            }
+            st.admin.as_ref().map(|a| a.reactor)
+        };
+        self.aen_flag.store(true, Ordering::Release);
+        if let Some(r) = admin {
+            self.runtime.send_msg(r, || {});
+        }
+    }
+
     /// Namespace `nsid` was added, removed or resized: log it, raise a notice, and wake
     /// every qpair so it drops cached namespace handles (a removed namespace's descriptor
     /// must close even on idle queues).
@@ -166,12 +253,7 @@ impl Ctrlr {
             } else {
                 st.changed_ns = vec![0xFFFF_FFFF];
             }
-            let aen = st.aec & (1 << 8) != 0 && !st.ns_notice_masked;
-            if aen {
-                st.ns_notice_masked = true;
-                // Type 2 (notice), info 0 (NS attribute changed), log page 04h.
-                st.pending_aens.push_back(0x02 | (0x04 << 16));
-            }
+            let aen = Self::queue_notice(&mut st, Notice::NsAttrChanged);
             let reactors: Vec<ReactorId> = st
                 .admin
                 .iter()
@@ -288,6 +370,14 @@ impl Qpair {
             trace!("connect: host {hostnqn} not allowed on {subnqn}");
             return Outcome::status(sc::CONNECT_INVALID_HOST | DNR);
         }
+        if !subsys.listener_allowed(&self.listen) {
+            trace!(
+                "connect: {subnqn} does not listen on {}:{}",
+                self.listen.traddr,
+                self.listen.trsvcid
+            );
+            return Outcome::status(sc::CONNECT_INVALID_HOST | DNR);
+        }
         let max_sq = if qid == 0 {
             self.opts.max_aq_depth
         } else {
@@ -310,6 +400,7 @@ impl Qpair {
             id: self.id,
             peer: self.peer,
             local: self.local,
+            listen: self.listen.clone(),
         }
     }
 
@@ -364,7 +455,7 @@ impl Qpair {
                     admin: Some(self.info()),
                     changed_ns: Vec::new(),
                     pending_aens: VecDeque::new(),
-                    ns_notice_masked: false,
+                    masked_notices: 0,
                     vwc: true,
                 }),
             });
@@ -544,9 +635,46 @@ impl Qpair {
             admin::GET_FEATURES => self.get_features(slot, &c),
             admin::ASYNC_EVENT => self.async_event(slot, &c),
             admin::KEEP_ALIVE => Outcome::status(sc::SUCCESS),
-            admin::ABORT if !disc => Outcome::dw0(1),
+            admin::ABORT if !disc => self.abort(slot, &c),
             _ => Outcome::status(sc::INVALID_OPCODE | DNR),
         }
+    }
+
+    /// Abort (CDW10: SQID 15:0, CID 31:16). DW0 bit 0 is 0 if the command was aborted, 1
+    /// if not (unknown, or already executing in the bdev). A command on an I/O queue is
+    /// looked up on that queue's reactor; the answer comes back by message.
+    fn abort(&mut self, slot: usize, c: &Arc<Ctrlr>) -> Outcome {
+        let cdw10 = self.reqs[slot].sqe.cdw(10);
+        let sqid = (cdw10 & 0xFFFF) as u16;
+        let cid = (cdw10 >> 16) as u16;
+        if self.nr_aborts > ACL {
+            return Outcome::status(SC_ABORT_LIMIT);
+        }
+        if sqid == 0 {
+            let aborted = self.abort_local(cid, Some(slot));
+            return Outcome::dw0(u32::from(!aborted));
+        }
+        let Some(target) = c.lock().io_qpairs.get(&sqid).cloned() else {
+            return Outcome::dw0(1);
+        };
+        self.nr_aborts += 1;
+        let admin_id = self.id;
+        let admin_reactor = reactor::current();
+        let rt = reactor::runtime_handle();
+        let rt2 = rt.clone();
+        rt.send_msg(target.reactor, move || {
+            let aborted = crate::tcp::with_local_qpair(target.id, |q| q.abort_local(cid, None))
+                .unwrap_or(false);
+            trace!("abort sqid {sqid} cid {cid}: aborted {aborted}");
+            rt2.send_msg(admin_reactor, move || {
+                crate::tcp::with_local_qpair(admin_id, |q| {
+                    q.nr_aborts = q.nr_aborts.saturating_sub(1);
+                    q.complete(slot, sc::SUCCESS, u32::from(!aborted), 0, None);
+                    q.flush_out();
+                });
+            });
+        });
+        Outcome::Pending
     }
 
     fn async_event(&mut self, slot: usize, c: &Arc<Ctrlr>) -> Outcome {
@@ -759,6 +887,9 @@ impl Qpair {
         let disc = c.subsys.is_discovery;
         let image = match lid {
             0x70 if disc => {
+                if !rae {
+                    c.lock().masked_notices &= !Notice::DiscoveryLogChanged.mask_bit();
+                }
                 let hostnqn = c.hostnqn.clone();
                 crate::discovery::log_page(&hostnqn, self.local)
             }
@@ -773,7 +904,7 @@ impl Qpair {
                 }
                 if !rae {
                     st.changed_ns.clear();
-                    st.ns_notice_masked = false;
+                    st.masked_notices &= !Notice::NsAttrChanged.mask_bit();
                 }
                 page
             }

@@ -142,6 +142,7 @@ fn create_transport(p: Value) -> Result<Value, NvmfError> {
         max_aq_depth: p.max_aq_depth.unwrap_or(d.max_aq_depth),
         c2h_success: p.c2h_success.unwrap_or(d.c2h_success),
         abort_timeout_sec: p.abort_timeout_sec.unwrap_or(d.abort_timeout_sec),
+        acceptor_backlog: p.acceptor_backlog.unwrap_or(d.acceptor_backlog),
     };
     if !(2..=1024).contains(&opts.max_queue_depth)
         || !(2..=1024).contains(&opts.max_aq_depth)
@@ -155,6 +156,9 @@ fn create_transport(p: Value) -> Result<Value, NvmfError> {
         return Err(NvmfError::invalid(
             "in_capsule_data_size must be a multiple of 16 and at most 131072",
         ));
+    }
+    if !(1..=65535).contains(&opts.acceptor_backlog) {
+        return Err(NvmfError::invalid("acceptor_backlog must be 1..65535"));
     }
     if !(4096..=4 * 1024 * 1024).contains(&opts.max_io_size) || !opts.max_io_size.is_power_of_two()
     {
@@ -182,6 +186,7 @@ fn transport_json(o: &TransportOpts) -> Value {
         "max_aq_depth": o.max_aq_depth,
         "c2h_success": o.c2h_success,
         "abort_timeout_sec": o.abort_timeout_sec,
+        "acceptor_backlog": o.acceptor_backlog,
     })
 }
 
@@ -419,7 +424,7 @@ fn add_listener(p: Value) -> Result<Value, NvmfError> {
     }
     listener::acquire(&mut t, &addr)?;
     s.lock().listeners.push(addr);
-    t.genctr += 1;
+    t.discovery_changed();
     Ok(json!(true))
 }
 
@@ -443,8 +448,10 @@ fn remove_listener(p: Value) -> Result<Value, NvmfError> {
     };
     st.listeners.remove(i);
     drop(st);
+    // As SPDK: what came in through that address for this subsystem goes away with it.
+    subsystem::disconnect_listener(&s, &addr);
     listener::release(&mut t, &addr);
-    t.genctr += 1;
+    t.discovery_changed();
     Ok(json!(true))
 }
 
@@ -551,7 +558,7 @@ fn add_host(p: Value) -> Result<Value, NvmfError> {
         }
         st.hosts.push(p.host);
     }
-    target().genctr += 1;
+    target().discovery_changed();
     Ok(json!(true))
 }
 
@@ -572,7 +579,7 @@ fn remove_host(p: Value) -> Result<Value, NvmfError> {
     if !allow_any {
         subsystem::disconnect_host(&s, &p.host);
     }
-    target().genctr += 1;
+    target().discovery_changed();
     Ok(json!(true))
 }
 
@@ -589,7 +596,7 @@ fn allow_any_host(p: Value) -> Result<Value, NvmfError> {
     let p: AllowAny = parse(p)?;
     let s = nvm_subsystem(&p.nqn)?;
     s.lock().allow_any_host = p.allow_any_host;
-    target().genctr += 1;
+    target().discovery_changed();
     Ok(json!(true))
 }
 

@@ -36,6 +36,8 @@ pub struct TransportOpts {
     pub c2h_success: bool,
     /// Abort timeout (reported only).
     pub abort_timeout_sec: u32,
+    /// Listen backlog of the listening sockets.
+    pub acceptor_backlog: u32,
 }
 
 impl Default for TransportOpts {
@@ -49,6 +51,7 @@ impl Default for TransportOpts {
             max_aq_depth: 128,
             c2h_success: true,
             abort_timeout_sec: 1,
+            acceptor_backlog: 128,
         }
     }
 }
@@ -165,6 +168,12 @@ impl Subsystem {
         st.allow_any_host || st.hosts.iter().any(|h| h == hostnqn)
     }
 
+    /// Whether a connection that came in through `addr` may connect to this subsystem:
+    /// it must listen there (the discovery subsystem answers on every listener).
+    pub fn listener_allowed(&self, addr: &ListenAddr) -> bool {
+        self.is_discovery || self.lock().listeners.contains(addr)
+    }
+
     /// Namespace `nsid`.
     pub fn namespace(&self, nsid: u32) -> Option<Arc<Namespace>> {
         self.lock().namespaces.get(&nsid).cloned()
@@ -191,8 +200,20 @@ pub struct Target {
     pub discovery: Arc<Subsystem>,
     /// Bound sockets, shared by the subsystems listening on them.
     pub listeners: Vec<Listener>,
-    /// Discovery log generation counter.
+    /// Discovery log generation counter: change it only with [`Target::discovery_changed`].
     pub genctr: u64,
+}
+
+impl Target {
+    /// The discovery log changed (subsystems, listeners or hosts): bump GENCTR and send a
+    /// Discovery Log Change notice to every discovery controller that asked for one.
+    pub fn discovery_changed(&mut self) {
+        self.genctr += 1;
+        let ctrlrs = self.discovery.lock().ctrlrs.clone();
+        for c in ctrlrs {
+            c.discovery_log_changed();
+        }
+    }
 }
 
 /// The target singleton.
@@ -248,7 +269,7 @@ pub fn create_subsystem(nqn: &str, st: SubsysState) -> Result<(), NvmfError> {
         g.max_namespaces = st.max_namespaces;
     }
     t.subsystems.insert(nqn.to_owned(), s);
-    t.genctr += 1;
+    t.discovery_changed();
     Ok(())
 }
 
@@ -358,7 +379,7 @@ pub fn delete_subsystem(nqn: &str) -> Result<(), NvmfError> {
         for a in &addrs {
             crate::tcp::listener::release(&mut t, a);
         }
-        t.genctr += 1;
+        t.discovery_changed();
         s
     };
     s.deleted.store(true, Ordering::SeqCst);
@@ -369,6 +390,15 @@ pub fn delete_subsystem(nqn: &str) -> Result<(), NvmfError> {
     s.lock().namespaces.clear();
     s.ns_gen.fetch_add(1, Ordering::SeqCst);
     Ok(())
+}
+
+/// Disconnects what came into `s` through listener `addr` (removed from `s`): controllers
+/// whose admin queue did are torn down, other controllers lose the I/O queues that did.
+pub fn disconnect_listener(s: &Subsystem, addr: &ListenAddr) {
+    let ctrlrs = s.lock().ctrlrs.clone();
+    for c in ctrlrs {
+        c.disconnect_listener(addr);
+    }
 }
 
 /// Disconnects every controller of `hostnqn` on `s` (host removed from the allowed list).

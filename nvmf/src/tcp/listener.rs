@@ -1,11 +1,17 @@
 //! Listening sockets. Each bound address has one acceptor poller on reactor 0; accepted
 //! connections go round-robin to the reactors, where they become qpairs. Several
-//! subsystems may share one address (reference counted).
+//! subsystems may share one address (reference counted); when the last one lets go, the
+//! socket is unbound and every connection that came in through it is closed.
+//!
+//! Sockets are bound with `SO_REUSEADDR`, so a target restarted right after a crash can
+//! listen again at once although the dead one's connections linger in `TIME_WAIT` /
+//! `FIN_WAIT2` on the port (set explicitly here rather than relying on what the standard
+//! library happens to do in `TcpListener::bind`).
 
 use std::cell::Cell;
-use std::io::ErrorKind as IoKind;
-use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
+use std::io::{self, ErrorKind as IoKind};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -52,20 +58,21 @@ pub fn acquire(t: &mut Target, addr: &ListenAddr) -> Result<(), NvmfError> {
         .map_err(|_| NvmfError::invalid(format!("invalid trsvcid '{}'", addr.trsvcid)))?;
     let rt = crate::runtime()
         .ok_or_else(|| NvmfError::invalid("reactors not running (nvmf::set_runtime)"))?;
-    let sock = TcpListener::bind((ip, port)).map_err(|e| {
+    let sock = bind_listener(SocketAddr::new(ip, port), opts.acceptor_backlog).map_err(|e| {
         NvmfError::errno(
             e.raw_os_error().unwrap_or(libc::EIO),
             format!("listen on {ip}:{port}: {e}"),
         )
     })?;
-    sock.set_nonblocking(true)
-        .map_err(|e| NvmfError::errno(libc::EIO, format!("listen socket: {e}")))?;
     let bound = sock
         .local_addr()
         .map_err(|e| NvmfError::errno(libc::EIO, format!("listen socket: {e}")))?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
-    rt.send_msg(ReactorId::new(0), move || start_acceptor(sock, stop2, opts));
+    let addr2 = addr.clone();
+    rt.send_msg(ReactorId::new(0), move || {
+        start_acceptor(sock, stop2, opts, addr2)
+    });
     t.listeners.push(Listener {
         addr: addr.clone(),
         bound,
@@ -75,7 +82,8 @@ pub fn acquire(t: &mut Target, addr: &ListenAddr) -> Result<(), NvmfError> {
     Ok(())
 }
 
-/// Drops a reference on `addr`; the last one stops the acceptor.
+/// Drops a reference on `addr`; the last one stops the acceptor and closes every
+/// connection that came in through it.
 pub fn release(t: &mut Target, addr: &ListenAddr) {
     let Some(i) = t.listeners.iter().position(|l| l.addr == *addr) else {
         return;
@@ -87,7 +95,87 @@ pub fn release(t: &mut Target, addr: &ListenAddr) {
         if let Some(rt) = crate::runtime() {
             rt.send_msg(ReactorId::new(0), || {});
         }
+        super::close_listener_qpairs(addr);
     }
+}
+
+/// A non-blocking listening socket on `addr` with `SO_REUSEADDR` set before `bind`.
+pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let domain = match addr.ip() {
+        IpAddr::V4(_) => libc::AF_INET,
+        IpAddr::V6(_) => libc::AF_INET6,
+    };
+    let ty = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: socket(2) takes no pointers; the result is checked below.
+    let raw = unsafe { libc::socket(domain, ty, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor we just created and own; OwnedFd closes it on every
+    // path below.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket, a pointer to a live c_int and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let rc = match addr {
+        SocketAddr::V4(a) => {
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: a valid socket; `sa` is a live sockaddr_in of the length given.
+            unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            }
+        }
+        SocketAddr::V6(a) => {
+            let sa = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: a valid socket; `sa` is a live sockaddr_in6 of the length given.
+            unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            }
+        }
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let backlog = libc::c_int::try_from(backlog).unwrap_or(libc::c_int::MAX);
+    // SAFETY: listen(2) on a valid, bound socket; no pointers.
+    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpListener::from(fd))
 }
 
 /// Stops every acceptor.
@@ -100,8 +188,13 @@ pub fn stop_all(t: &mut Target) {
     }
 }
 
-/// Runs on reactor 0: the acceptor poller for `sock`.
-fn start_acceptor(sock: TcpListener, stop: Arc<AtomicBool>, opts: crate::subsystem::TransportOpts) {
+/// Runs on reactor 0: the acceptor poller for `sock`, bound for `addr`.
+fn start_acceptor(
+    sock: TcpListener,
+    stop: Arc<AtomicBool>,
+    opts: crate::subsystem::TransportOpts,
+    addr: ListenAddr,
+) {
     let next = Cell::new(0usize);
     let armed: Rc<Cell<Option<reactor::OpId>>> = Rc::new(Cell::new(None));
     let handle: Rc<Cell<Option<reactor::PollerHandle>>> = Rc::new(Cell::new(None));
@@ -136,7 +229,8 @@ fn start_acceptor(sock: TcpListener, stop: Arc<AtomicBool>, opts: crate::subsyst
                     let target = ReactorId::new((next.get() % n) as u32);
                     next.set(next.get() + 1);
                     let o = opts.clone();
-                    reactor::send_msg(target, move || Qpair::spawn(s, o));
+                    let a = addr.clone();
+                    reactor::send_msg(target, move || Qpair::spawn(s, o, a));
                 }
                 Err(e) if e.kind() == IoKind::WouldBlock => break,
                 Err(_) => break,
@@ -157,3 +251,6 @@ fn start_acceptor(sock: TcpListener, stop: Arc<AtomicBool>, opts: crate::subsyst
     });
     handle.set(Some(p));
 }
+
+#[cfg(test)]
+mod tests;

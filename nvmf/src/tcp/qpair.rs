@@ -22,9 +22,10 @@ use reactor::{PollStatus, PollerHandle};
 use slab::Slab;
 
 use super::pdu::{self, C2hFlags, Fatal, HostPdu, RecvLimits};
+use super::QpairShared;
 use crate::ctrlr::Ctrlr;
 use crate::spec::{self, sc, Cqe, Sqe, DNR};
-use crate::subsystem::{Namespace, TransportOpts, ADMIN_IN_CAPSULE};
+use crate::subsystem::{ListenAddr, Namespace, TransportOpts, ADMIN_IN_CAPSULE};
 use crate::trace;
 
 /// Bytes read from the socket per `read` call.
@@ -73,6 +74,9 @@ pub struct Req {
     pub received: u32,
     /// A data digest failed: finish the transfer, then fail the command.
     pub ddgst_failed: bool,
+    /// Aborted while its data was still coming: finish the transfer, then complete it with
+    /// Command Abort Requested instead of executing it.
+    pub aborted: bool,
     /// Bdev operations still in flight.
     pub nr_pending: u32,
     /// First failing status of a multi-op command.
@@ -169,16 +173,31 @@ pub struct Qpair {
     pub local: SocketAddr,
     /// Transport options at accept time.
     pub opts: TransportOpts,
+    /// The listener the connection came in through.
+    pub listen: ListenAddr,
+    shared: Arc<QpairShared>,
+    /// Abort commands of this (admin) queue waiting for another queue's answer.
+    pub(crate) nr_aborts: u8,
     nr_bdev_inflight: usize,
 }
 
 impl Qpair {
-    /// Creates the qpair for an accepted socket on the current reactor and starts polling.
-    pub fn spawn(sock: TcpStream, opts: TransportOpts) {
+    /// Creates the qpair for a socket accepted through listener `listen` on the current
+    /// reactor and starts polling. A connection whose listener went away meanwhile is
+    /// dropped.
+    pub fn spawn(sock: TcpStream, opts: TransportOpts, listen: ListenAddr) {
         let (Ok(peer), Ok(local)) = (sock.peer_addr(), sock.local_addr()) else {
             return;
         };
-        let id = super::next_qpair_id();
+        let bound = crate::subsystem::target()
+            .listeners
+            .iter()
+            .any(|l| l.addr == listen);
+        if !bound {
+            trace!("connection from {peer}: listener {listen:?} is gone");
+            return;
+        }
+        let (id, shared) = super::register_qpair(listen.clone());
         let lim = RecvLimits {
             ic_done: false,
             hdgst: false,
@@ -213,8 +232,12 @@ impl Qpair {
             peer,
             local,
             opts,
+            listen,
+            shared,
+            nr_aborts: 0,
             nr_bdev_inflight: 0,
         }));
+        super::register_local(id, &q);
         let weak = Rc::downgrade(&q);
         let cb_weak = weak.clone();
         let cb: IoCallback = Rc::new(move |done: IoDone| {
@@ -262,6 +285,10 @@ impl Qpair {
     fn check_signals(&mut self) -> bool {
         if super::is_shutdown() && self.state != QpairState::Closing {
             self.set_state(QpairState::Closing, "target shutdown");
+            return true;
+        }
+        if self.shared.close.load(Ordering::Acquire) && self.state != QpairState::Closing {
+            self.set_state(QpairState::Closing, "close requested");
             return true;
         }
         let Some(c) = self.ctrlr.clone() else {
@@ -475,6 +502,7 @@ impl Qpair {
             xfer_len,
             received: 0,
             ddgst_failed: false,
+            aborted: false,
             nr_pending: 0,
             status: sc::SUCCESS,
             fua: false,
@@ -555,14 +583,45 @@ impl Qpair {
             return Ok(());
         }
         r.state = ReqState::Executing;
-        if r.ddgst_failed {
+        if r.ddgst_failed || r.aborted {
+            let status = if r.ddgst_failed {
+                sc::DATA_XFER_ERROR
+            } else {
+                sc::ABORT_REQ
+            };
             let cid = r.sqe.cid();
             self.reqs.remove(slot);
-            self.send_resp(cid, sc::DATA_XFER_ERROR, 0, 0);
+            self.send_resp(cid, status, 0, 0);
             return Ok(());
         }
         self.execute(slot);
         Ok(())
+    }
+
+    /// Aborts command `cid` of this queue if it has not reached the bdev (other than the
+    /// Abort itself, `except`): a parked AER completes now with Command Abort Requested; a
+    /// command still receiving its data does when the transfer ends (the host is already
+    /// sending it) and is never executed. True if aborted.
+    pub(crate) fn abort_local(&mut self, cid: u16, except: Option<usize>) -> bool {
+        let Some(slot) = self
+            .reqs
+            .iter()
+            .find(|(i, r)| r.sqe.cid() == cid && Some(*i) != except)
+            .map(|(i, _)| i)
+        else {
+            return false;
+        };
+        if let Some(i) = self.aers.iter().position(|&a| a == slot) {
+            self.aers.remove(i);
+            self.complete(slot, sc::ABORT_REQ, 0, 0, None);
+            return true;
+        }
+        let r = &mut self.reqs[slot];
+        if r.state == ReqState::AwaitH2c {
+            r.aborted = true;
+            return true;
+        }
+        false
     }
 
     /// Runs command `slot` (all its host data present).

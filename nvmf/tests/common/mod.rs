@@ -403,6 +403,139 @@ impl Host {
         set_u32(&mut s, 40, u32::from(cns));
         self.cmd(s, &[], false, 4096)
     }
+
+    /// Set Features `fid` = `value` (no data); returns the completion.
+    pub fn set_features(&mut self, fid: u8, value: u32) -> Cqe {
+        let mut s = sqe(0x09, 0);
+        set_u32(&mut s, 40, u32::from(fid));
+        set_u32(&mut s, 44, value);
+        self.cmd(s, &[], false, 0).0
+    }
+
+    /// Keep Alive; asserts success (and, through `cmd`, that the next response is its own:
+    /// nothing else, such as an async event, was queued before it).
+    pub fn keep_alive(&mut self) {
+        assert_eq!(
+            self.cmd(sqe(0x18, 0), &[], false, 0).0.status,
+            0,
+            "keep alive"
+        );
+    }
+
+    /// Sends an Asynchronous Event Request with command id `cid` and leaves it parked.
+    pub fn park_aer(&mut self, cid: u16) {
+        let mut aer = sqe(0x0C, 0);
+        aer[2..4].copy_from_slice(&cid.to_le_bytes());
+        set_sgl(&mut aer, 0, false);
+        let p = self.capsule(&aer, &[]);
+        self.send(&p);
+    }
+
+    /// Reads the next PDU, which must be a CapsuleResp; returns its CQE.
+    pub fn recv_cqe(&mut self) -> Cqe {
+        let p = self.recv_raw().expect("CapsuleResp");
+        assert_eq!(p.ch.ty, 5, "CapsuleResp expected: {p:?}");
+        Cqe::decode(p.header[8..24].try_into().unwrap())
+    }
+
+    /// Get Log Page `lid`: `len` bytes (a multiple of 4) at offset `lpo`, RAE as given.
+    pub fn get_log(&mut self, lid: u8, lpo: u64, len: u32, rae: bool) -> (Cqe, Vec<u8>) {
+        let mut s = sqe(0x02, 0);
+        let numd = len / 4 - 1;
+        let cdw10 = u32::from(lid) | (u32::from(rae) << 15) | ((numd & 0xFFFF) << 16);
+        set_u32(&mut s, 40, cdw10);
+        set_u32(&mut s, 44, numd >> 16);
+        set_u64(&mut s, 48, lpo);
+        self.cmd(s, &[], false, len)
+    }
+
+    /// The discovery log as libnvme reads it: header, entries, header again, retried while
+    /// GENCTR moves; the last read has RAE 0 (clearing the change notice). Returns
+    /// (GENCTR, entries).
+    pub fn discovery_log(&mut self) -> (u64, Vec<Vec<u8>>) {
+        for _ in 0..20 {
+            let (c, hdr) = self.get_log(0x70, 0, 1024, true);
+            assert_eq!(c.status, 0, "discovery log header");
+            let genctr = u64::from_le_bytes(hdr[0..8].try_into().unwrap());
+            let numrec = u64::from_le_bytes(hdr[8..16].try_into().unwrap()) as usize;
+            let mut entries = Vec::new();
+            if numrec > 0 {
+                let (c, e) = self.get_log(0x70, 1024, (numrec * 1024) as u32, true);
+                assert_eq!(c.status, 0, "discovery log entries");
+                entries = e.chunks(1024).map(<[u8]>::to_vec).collect();
+            }
+            let (c, hdr) = self.get_log(0x70, 0, 1024, false);
+            assert_eq!(c.status, 0, "discovery log header");
+            if u64::from_le_bytes(hdr[0..8].try_into().unwrap()) == genctr {
+                return (genctr, entries);
+            }
+        }
+        panic!("discovery log kept changing");
+    }
+
+    /// Abort (admin queue): command `cid` of queue `sqid`. Returns the completion.
+    pub fn abort(&mut self, sqid: u16, cid: u16) -> Cqe {
+        let mut s = sqe(0x08, 0);
+        set_u32(&mut s, 40, u32::from(sqid) | (u32::from(cid) << 16));
+        self.cmd(s, &[], false, 0).0
+    }
+
+    /// True once the peer closed the connection (EOF or reset) within 10 s; PDUs that
+    /// arrive first are skipped.
+    pub fn closed_by_target(&mut self) -> bool {
+        self.s
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut b = [0u8; 4096];
+        loop {
+            match self.s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// The entries of a discovery log for subsystem `nqn` on port `port`.
+pub fn disc_entries_for(entries: &[Vec<u8>], nqn: &str, port: u16) -> usize {
+    entries
+        .iter()
+        .filter(|e| {
+            e[0] == 3
+                && e[2] == 2
+                && e[256..].starts_with(nqn.as_bytes())
+                && e[256 + nqn.len()] == 0
+                && e[32..].starts_with(port.to_string().as_bytes())
+        })
+        .count()
+}
+
+/// Waits up to 10 s for `f` to hold.
+pub fn wait_for(mut f: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "condition not reached in 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Adds a TCP listener on 127.0.0.1:`port` to `nqn` (or removes it).
+pub fn listener(nqn: &str, port: u16, add: bool) -> Result<Value, nvmf::NvmfRpcError> {
+    let method = if add {
+        "nvmf_subsystem_add_listener"
+    } else {
+        "nvmf_subsystem_remove_listener"
+    };
+    rpc(
+        method,
+        json!({"nqn": nqn, "listen_address": {"trtype": "tcp", "adrfam": "IPv4",
+            "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+    )
 }
 
 /// Read/write SQE.
