@@ -11,12 +11,20 @@
 //!
 //! Invariants (owner only): a block under provisioning, sharing break or unmap is "busy" and
 //! later writes/unmaps to it wait; `nr_writes` counts writes and unmaps in flight, which a
-//! quiesce (snapshot) drains; a lookup answer is cached only if no mapping of the device
-//! changed while it was outstanding.
+//! quiesce (snapshot) drains.
+//!
+//! Cache misses: an I/O whose block is not in the cache waits for the mappings of its whole
+//! [`LOOKUP_WINDOW`] (one worker request per window, shared by every I/O that misses in it
+//! meanwhile); the window is then "known": a block of it absent from the cache is unmapped.
+//! An answer is fresh for every block that is not busy when it arrives: the worker handles
+//! messages in order and answers on one FIFO queue, so a change sent after the lookup is
+//! still outstanding (its block busy) when the lookup's answer arrives. Busy blocks of an
+//! answer are left "in doubt" (looked up again when next needed). Changes made outside the
+//! shard (snapshot, shrink, rollback) bump `generation`, which drops answers sent before.
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -24,7 +32,7 @@ use std::sync::{mpsc, Arc};
 use reactor::ReactorId;
 use serde_json::{json, Value};
 
-use super::pool::{Msg, PoolShared, Prep, Reply, Worker, MODE_RO, MODE_RW};
+use super::pool::{Msg, PoolShared, Prep, Reply, Worker, LOOKUP_WINDOW, MODE_RO, MODE_RW};
 use crate::bdev::{Bdev, BdevCore, IoStatus, IoType};
 use crate::buf::IoBuf;
 use crate::error::Result;
@@ -55,6 +63,7 @@ impl std::hash::Hasher for BlockHasher {
 }
 
 type BlockMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<BlockHasher>>;
+type BlockSet = HashSet<u64, std::hash::BuildHasherDefault<BlockHasher>>;
 
 /// Data blocks a shard reserves per batch; refilled when half used.
 const RESERVE_BATCH: usize = 16;
@@ -334,7 +343,14 @@ struct Inner {
     epoch: u64,
     /// thin block → (data block, shared)
     cache: BlockMap<(u64, bool)>,
-    /// Bumped on every mapping change made through this shard.
+    /// Lookup windows whose every mapping is in `cache` (but for blocks in `doubt`).
+    windows: BlockSet,
+    /// Blocks of known windows (or of a complete cache) whose mapping is not known.
+    doubt: BlockSet,
+    /// Windows being looked up → the I/Os waiting for them.
+    fetching: BlockMap<Vec<(ModuleIo, Done)>>,
+    /// Bumped by mapping changes made outside this shard (snapshot, shrink, rollback);
+    /// lookup answers sent under an older generation are not cached.
     generation: u64,
     busy: BlockMap<VecDeque<(ModuleIo, Done)>>,
     nr_writes: usize,
@@ -348,6 +364,21 @@ struct Inner {
     /// Data blocks reserved for this shard (outstanding in the worker).
     reserve: Vec<u64>,
     refilling: bool,
+}
+
+impl Inner {
+    /// Forgets every cached mapping (and so every known window).
+    fn forget_all(&mut self) {
+        self.cache.clear();
+        self.windows.clear();
+        self.doubt.clear();
+        self.complete = false;
+    }
+
+    /// `vb` is not in the cache: is it known to be unmapped?
+    fn known_unmapped(&self, vb: u64) -> bool {
+        (self.complete || self.windows.contains(&(vb / LOOKUP_WINDOW))) && !self.doubt.contains(&vb)
+    }
 }
 
 /// A thin device's state on its owner reactor.
@@ -421,6 +452,9 @@ impl DevState {
                 inner: RefCell::new(Inner {
                     epoch: t.pool.epoch.load(Ordering::Acquire),
                     cache: BlockMap::default(),
+                    windows: BlockSet::default(),
+                    doubt: BlockSet::default(),
+                    fetching: BlockMap::default(),
                     generation: 0,
                     busy: BlockMap::default(),
                     nr_writes: 0,
@@ -447,8 +481,7 @@ impl DevState {
             let mut inner = self.inner.borrow_mut();
             if inner.epoch != e {
                 inner.epoch = e;
-                inner.cache.clear();
-                inner.complete = false;
+                inner.forget_all();
                 inner.generation += 1;
                 if self.t.pool.mode.load(Ordering::Acquire) == MODE_RO {
                     // The worker dropped every outstanding block when it went read-only.
@@ -481,16 +514,49 @@ impl DevState {
         self.inner.borrow().cache.get(&vb).copied()
     }
 
-    fn cache_put(&self, vb: u64, d: u64, shared: bool, gen: Option<u64>) {
+    /// Caches the mapping the shard itself just established for `vb`.
+    fn cache_put(&self, vb: u64, d: u64, shared: bool) {
         let mut inner = self.inner.borrow_mut();
-        if gen.is_some_and(|g| g != inner.generation) {
-            return;
-        }
         if inner.cache.len() >= MAX_CACHE_ENTRIES {
-            inner.cache.clear();
-            inner.complete = false;
+            inner.forget_all();
         }
         inner.cache.insert(vb, (d, shared));
+        inner.doubt.remove(&vb);
+    }
+
+    /// Caches a window's lookup answer (`found`: its mapped blocks, sorted) if no change from
+    /// outside the shard happened since `gen`; busy blocks stay in doubt (see the file doc).
+    fn learn_window(&self, w: u64, gen: u64, found: &[(u64, u64, bool)]) {
+        let mut inner = self.inner.borrow_mut();
+        if inner.generation != gen {
+            return;
+        }
+        if inner.cache.len() + found.len() > MAX_CACHE_ENTRIES
+            || inner.windows.len() >= MAX_CACHE_ENTRIES
+        {
+            inner.forget_all();
+        }
+        let inner = &mut *inner;
+        for &(b, d, shared) in found {
+            debug_assert_eq!(b / LOOKUP_WINDOW, w);
+            if inner.busy.contains_key(&b) {
+                inner.doubt.insert(b);
+            } else {
+                inner.doubt.remove(&b);
+                inner.cache.entry(b).or_insert((d, shared));
+            }
+        }
+        if !inner.doubt.is_empty() {
+            let busy = &inner.busy;
+            inner
+                .doubt
+                .retain(|b| b / LOOKUP_WINDOW != w || busy.contains_key(b));
+        }
+        inner.windows.insert(w);
+        assert!(
+            inner.cache.len() <= MAX_CACHE_ENTRIES,
+            "cache over its bound"
+        );
     }
 
     /// After a snapshot of this device: every mapping is now shared.
@@ -503,12 +569,12 @@ impl DevState {
     }
 
     /// Cached lookup: `Some(Some(m))` mapped, `Some(None)` known unmapped, `None` unknown.
+    #[inline]
     fn known(&self, vb: u64) -> Option<Option<(u64, bool)>> {
         let inner = self.inner.borrow();
         match inner.cache.get(&vb) {
             Some(m) => Some(Some(*m)),
-            None if inner.complete => Some(None),
-            None => None,
+            None => inner.known_unmapped(vb).then_some(None),
         }
     }
 
@@ -550,6 +616,7 @@ impl DevState {
     fn invalidate_from(&self, from: u64) {
         let mut inner = self.inner.borrow_mut();
         inner.cache.retain(|vb, _| *vb < from);
+        inner.windows.retain(|w| (w + 1) * LOOKUP_WINDOW <= from);
         inner.generation += 1;
     }
 
@@ -602,30 +669,63 @@ impl DevState {
             }
             None => {}
         }
+        self.fetch(vb, io, done);
+    }
+
+    /// Parks `io` (a cache miss on `vb`) until the mappings of `vb`'s lookup window arrive:
+    /// one worker request per window, however many I/Os miss in it meanwhile.
+    fn fetch(self: &Rc<Self>, vb: u64, io: ModuleIo, done: Done) {
+        let w = vb / LOOKUP_WINDOW;
+        let gen = {
+            let mut inner = self.inner.borrow_mut();
+            if let Some(q) = inner.fetching.get_mut(&w) {
+                q.push((io, done));
+                return;
+            }
+            inner.fetching.insert(w, vec![(io, done)]);
+            inner.generation
+        };
         let dev = self.t.dev;
-        let gen = self.inner.borrow().generation;
         self.call(
-            move |w, reply| reply(w.lookup_window(dev, vb)),
-            move |st, r| match r {
-                Ok(found) => {
-                    let mut hit = None;
-                    for &(b, d, shared) in &found {
-                        st.cache_put(b, d, shared, Some(gen));
-                        if b == vb {
-                            hit = Some(d);
-                        }
-                    }
-                    match hit {
-                        Some(d) => st.fast_rw(io, done, d, off, false, None),
-                        None => {
-                            io.buf_mut().fill(0);
-                            done.finish(io, IoStatus::Success)
-                        }
-                    }
-                }
-                Err(e) => done.finish(io, IoStatus::Failed(e)),
-            },
+            move |wk, reply| reply(wk.lookup_window(dev, w * LOOKUP_WINDOW)),
+            move |st, r| st.fetched(w, gen, r),
         );
+    }
+
+    /// A window's answer: cache it, serve the waiting reads from it, resubmit the rest.
+    fn fetched(
+        self: &Rc<Self>,
+        w: u64,
+        gen: u64,
+        r: std::result::Result<Vec<(u64, u64, bool)>, i32>,
+    ) {
+        let waiters = self.inner.borrow_mut().fetching.remove(&w);
+        let waiters = waiters.unwrap_or_default();
+        let found = match r {
+            Ok(found) => found,
+            Err(e) => {
+                for (io, done) in waiters {
+                    done.finish(io, IoStatus::Failed(e));
+                }
+                return;
+            }
+        };
+        self.learn_window(w, gen, &found);
+        for (mut io, done) in waiters {
+            if io.io_type() != IoType::Read {
+                self.submit(io, done);
+                continue;
+            }
+            // A read is served from the answer itself (even one not cached).
+            let (vb, off, _) = self.geometry(&io);
+            match found.binary_search_by_key(&vb, |m| m.0) {
+                Ok(i) => self.fast_rw(io, done, found[i].1, off, false, None),
+                Err(_) => {
+                    io.buf_mut().fill(0);
+                    done.finish(io, IoStatus::Success)
+                }
+            }
+        }
     }
 
     /// Reads or writes the I/O's region (or `zero`) at `off` in data block `d`.
@@ -721,8 +821,10 @@ impl DevState {
             return;
         };
         let known = self.known(vb);
-        if let Some(Some((d, false))) = known {
-            return self.fast_rw(io, done, d, off, true, None);
+        match known {
+            Some(Some((d, false))) => return self.fast_rw(io, done, d, off, true, None),
+            None => return self.fetch(vb, io, done),
+            Some(_) => {}
         }
         let wr = WReq {
             io,
@@ -757,7 +859,7 @@ impl DevState {
                 Err(e) => st.end_write(vb, wr.io, wr.done, IoStatus::Failed(e)),
                 Ok(Prep::Unmapped) => st.end_write(vb, wr.io, wr.done, IoStatus::Success),
                 Ok(Prep::Mapped(d)) => {
-                    st.cache_put(vb, d, false, None);
+                    st.cache_put(vb, d, false);
                     let mut wr = wr;
                     let (ptr, len) = wr.region();
                     st.data_op(IoType::Write, ptr, len, d, off, move |st, s| {
@@ -831,8 +933,7 @@ impl DevState {
             move |st, r| {
                 let status = match r {
                     Ok(()) => {
-                        st.inner.borrow_mut().generation += 1;
-                        st.cache_put(vb, new, false, None);
+                        st.cache_put(vb, new, false);
                         IoStatus::Success
                     }
                     Err(e) => IoStatus::Failed(e),
@@ -842,9 +943,20 @@ impl DevState {
         );
     }
 
-    /// Ends a slow write/unmap: unbusy the block, resubmit its waiters, complete.
+    /// Ends a slow write/unmap: unbusy the block, resubmit its waiters, complete. After a
+    /// failure the block's mapping is no longer known here (the change may or may not have
+    /// reached the worker).
     fn end_write(self: &Rc<Self>, vb: u64, io: ModuleIo, done: Done, s: IoStatus) {
-        let waiters = self.inner.borrow_mut().busy.remove(&vb);
+        let waiters = {
+            let mut inner = self.inner.borrow_mut();
+            if s.is_success() {
+                inner.doubt.remove(&vb);
+            } else {
+                inner.cache.remove(&vb);
+                inner.doubt.insert(vb);
+            }
+            inner.busy.remove(&vb)
+        };
         done.finish(io, s);
         self.write_ended();
         for (io, done) in waiters.into_iter().flatten() {
@@ -921,7 +1033,6 @@ impl DevState {
             inner.busy.insert(vb, VecDeque::new());
             inner.nr_writes += 1;
             inner.cache.remove(&vb);
-            inner.generation += 1;
         }
         let dev = self.t.dev;
         let passdown = self.t.pool.opts.discard_passdown && !zeroes;
