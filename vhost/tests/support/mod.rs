@@ -44,8 +44,13 @@ static DIR: OnceLock<PathBuf> = OnceLock::new();
 /// Starts the test process's runtime (reactors on `mask`, interrupt or poll mode) and the
 /// socket directory; later calls return the first result.
 pub fn setup_runtime(mask: &str, interrupt: bool) -> PathBuf {
+    setup_runtime_in(mask, interrupt, None)
+}
+
+/// As [`setup_runtime`], with controller sockets in `dir` (a fresh temp dir if `None`).
+pub fn setup_runtime_in(mask: &str, interrupt: bool, dir: Option<PathBuf>) -> PathBuf {
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir").keep();
+        let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("tempdir").keep());
         let mut opts = reactor::RuntimeOptions::new(reactor::CoreMask::parse(mask).unwrap());
         opts.interrupt_mode = interrupt;
         opts.pin_threads = false;
@@ -149,6 +154,34 @@ impl Mem {
     }
 }
 
+/// Opens a session: features (EVENT_IDX only if `event_idx`), protocol features CONFIG, MQ,
+/// REPLY_ACK and `extra`, NEED_REPLY on every message.
+pub fn handshake(path: &PathBuf, extra: VhostUserProtocolFeatures, event_idx: bool) -> Frontend {
+    let mut fe = Frontend::connect(path, 16).expect("connect");
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    assert_ne!(features & (1 << 32), 0, "VERSION_1 offered");
+    assert_ne!(features & (1 << 30), 0, "PROTOCOL_FEATURES offered");
+    let features = if event_idx {
+        features
+    } else {
+        features & !(1 << 29)
+    };
+    fe.set_features(features).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    assert!(pf.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
+    fe.set_protocol_features(
+        pf & (VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | extra),
+    )
+    .unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    assert!(fe.get_queue_num().unwrap() >= 2);
+    fe
+}
+
 /// One connected test frontend with queue 0 running.
 pub struct Fe {
     pub fe: Frontend,
@@ -188,32 +221,29 @@ impl Fe {
         extra: VhostUserProtocolFeatures,
         event_idx: bool,
     ) -> Fe {
-        let mut fe = Frontend::connect(path, 16).expect("connect");
-        fe.set_owner().unwrap();
-        let features = fe.get_features().unwrap();
-        assert_ne!(features & (1 << 32), 0, "VERSION_1 offered");
-        assert_ne!(features & (1 << 30), 0, "PROTOCOL_FEATURES offered");
-        let features = if event_idx {
-            features
-        } else {
-            features & !(1 << 29)
-        };
-        fe.set_features(features).unwrap();
-        let pf = fe.get_protocol_features().unwrap();
-        assert!(pf.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
-        fe.set_protocol_features(
-            pf & (VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK
-                | extra),
-        )
-        .unwrap();
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        assert!(fe.get_queue_num().unwrap() >= 2);
+        let mut fe = handshake(path, extra, event_idx);
         if let Some((desc, file)) = inflight {
             fe.set_inflight_fd(desc, file.as_raw_fd())
                 .expect("SET_INFLIGHT_FD");
         }
+        Fe::finish_connect(fe, mem, base)
+    }
+
+    /// Connects with INFLIGHT_SHMFD and asks for a fresh in-flight area for one queue on this
+    /// connection, as QEMU does on a device's first start; queue 0 starts at `base`.
+    pub fn connect_new_inflight(
+        path: &PathBuf,
+        mem: Mem,
+        base: u16,
+    ) -> (Fe, VhostUserInflight, File) {
+        let mut fe = handshake(path, VhostUserProtocolFeatures::INFLIGHT_SHMFD, false);
+        let (area, file) = fe
+            .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QSIZE))
+            .expect("GET_INFLIGHT_FD");
+        (Fe::finish_connect(fe, mem, base), area, file)
+    }
+
+    fn finish_connect(fe: Frontend, mem: Mem, base: u16) -> Fe {
         fe.set_mem_table(&[mem.region()]).unwrap();
         let kick = EventFd::new(0).unwrap();
         let call = EventFd::new(0).unwrap();
