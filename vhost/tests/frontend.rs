@@ -521,3 +521,52 @@ fn stop_waits_for_inflight_and_errors_reach_the_guest() {
     drop(fe);
     delete_when_idle("vslow.0");
 }
+
+/// A ring marked broken (here by a descriptor loop) takes nothing more, but comes back when
+/// the frontend sets it up again: after GET_VRING_BASE and a restart in the same session (a
+/// guest device reset), and in a new session (QEMU reconnecting or restarted).
+#[test]
+fn broken_ring_recovers_on_reset_and_reconnect() {
+    init();
+    malloc("VhMallocBroken", 1024, 4096);
+    let path = controller("vbroken.0", "VhMallocBroken", false);
+    let data = pattern(4096, 21);
+    let break_ring = |fe: &mut Fe| {
+        fe.desc(0, HDR, 16, 1, 1);
+        fe.desc(1, DATA, 512, 1, 0);
+        fe.publish(0);
+        assert!(fe.wait_used(Duration::from_millis(300)).is_none(), "loop");
+        // A good request behind it is not taken either.
+        fe.desc(0, HDR, 16, 1, 1);
+        fe.desc(1, STATUS, 1, 2, 0);
+        fe.publish(0);
+        assert!(
+            fe.wait_used(Duration::from_millis(300)).is_none(),
+            "broken ring stays stopped"
+        );
+    };
+
+    let mut fe = Fe::connect(&path);
+    assert_eq!(fe.request(T_OUT, 0, &data, false).0, S_OK);
+    break_ring(&mut fe);
+    // Device reset: the ring is stopped (the loop's head was consumed, the good one not) and
+    // set up again from fresh ring memory.
+    assert_eq!(fe.fe.get_vring_base(0).unwrap(), 2);
+    fe.mem.put(AVAIL, &[0u8; 6 + 2 * QSIZE as usize]);
+    fe.mem.put(USED, &[0u8; 6 + 8 * QSIZE as usize]);
+    fe.start_queue_at(0, DESC, AVAIL, USED, 0);
+    (fe.avail_idx, fe.used_seen) = (0, 0);
+    assert_eq!(
+        fe.read(0, 4096),
+        (S_OK, data.clone()),
+        "same session, reset"
+    );
+    break_ring(&mut fe);
+    drop(fe);
+
+    // A new session starts with healthy rings.
+    let mut fe = Fe::connect(&path);
+    assert_eq!(fe.read(0, 4096), (S_OK, data), "new session");
+    drop(fe);
+    delete_when_idle("vbroken.0");
+}
