@@ -143,7 +143,11 @@ pub fn register_namespaces(ctrlr: &Arc<Ctrlr>) -> Result<Vec<String>, HostError>
     let mut names: Vec<String> = Vec::new();
     for ns in nss {
         let name = format!("{}n{}", ctrlr.opts.name, ns.nsid);
-        let uuid = (ns.nguid != [0; 16]).then_some(Uuid(ns.nguid));
+        // The namespace's NGUID is the bdev UUID unless a bdev here already has it (the
+        // exported bdev itself when the target runs in this process): then a random one.
+        let uuid = (ns.nguid != [0; 16])
+            .then_some(Uuid(ns.nguid))
+            .filter(|u| bdev::registry().lookup(&u.to_string()).is_none());
         let core = BdevCore::new(BdevCoreOpts {
             name: name.clone(),
             aliases: Vec::new(),
