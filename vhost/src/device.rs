@@ -177,6 +177,8 @@ struct VringCfg {
     started: bool,
     enabled: bool,
     broken: bool,
+    /// The ring addresses were found outside guest memory (logged once).
+    unmapped_logged: bool,
 }
 
 /// Session state of one connection; the `vhost` crate's handler calls into it.
@@ -223,6 +225,7 @@ impl DevState {
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn reset(&mut self) {
@@ -252,10 +255,17 @@ impl DevState {
             mem.va_to_gpa(u, 6 + 8 * sz),
         );
         let (Some(d), Some(a), Some(u)) = gpas else {
-            crate::log(&format!("vring {i}: ring addresses outside guest memory"));
-            v.broken = true;
+            // Not broken: with ADD/REM_MEM_REG the region holding the ring may be replaced in
+            // two steps; the ring starts once memory covers it again.
+            if !v.unmapped_logged {
+                crate::log(&format!(
+                    "vring {i}: ring addresses outside guest memory; not started"
+                ));
+                v.unmapped_logged = true;
+            }
             return None;
         };
+        v.unmapped_logged = false;
         let mut q = Queue::new(MAX_QUEUE_SIZE).ok()?;
         q.set_size(v.size);
         q.set_desc_table_address(Some(d as u32), Some((d >> 32) as u32));
@@ -455,18 +465,27 @@ impl VhostUserBackendReqHandlerMut for DevState {
         Ok(())
     }
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {
-        Err(VuError::InvalidOperation("CONFIGURE_MEM_SLOTS not offered"))
+        Ok(crate::memory::MAX_MEM_SLOTS as u64)
     }
     fn add_mem_region(
         &mut self,
-        _r: &VhostUserSingleMemoryRegion,
-        _fd: File,
+        r: &VhostUserSingleMemoryRegion,
+        fd: File,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
-        Err(VuError::InvalidOperation("CONFIGURE_MEM_SLOTS not offered"))
+        let mem = GuestMem::with_region(self.mem.as_deref(), r, fd)
+            .map_err(|e| inval(&format!("ADD_MEM_REG: {e}")))?;
+        self.mem = Some(mem);
+        Ok(None)
     }
-    fn remove_mem_region(&mut self, _r: &VhostUserSingleMemoryRegion) -> VuResult<()> {
-        Err(VuError::InvalidOperation("CONFIGURE_MEM_SLOTS not offered"))
+    fn remove_mem_region(&mut self, r: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let Some(mem) = &self.mem else {
+            return Err(inval("REM_MEM_REG: no memory regions"));
+        };
+        self.mem = mem
+            .without_region(r)
+            .map_err(|e| inval(&format!("REM_MEM_REG: {e}")))?;
+        Ok(())
     }
     fn set_device_state_fd(
         &mut self,

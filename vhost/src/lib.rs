@@ -12,7 +12,8 @@
 //! Virtio features: VERSION_1, SEG_MAX, SIZE_MAX, BLK_SIZE, TOPOLOGY, MQ, INDIRECT_DESC,
 //! EVENT_IDX, FLUSH / DISCARD / WRITE_ZEROES when the bdev supports them, RO for read-only
 //! controllers. Protocol features: MQ, REPLY_ACK, CONFIG, BACKEND_REQ (resize notification),
-//! INFLIGHT_SHMFD, RESET_DEVICE. Split rings only (packed rings are refused).
+//! INFLIGHT_SHMFD, RESET_DEVICE, CONFIGURE_MEM_SLOTS (up to [`memory::MAX_MEM_SLOTS`]
+//! regions added and removed one at a time). Split rings only (packed rings are refused).
 //!
 //! Control API for `thind`: [`rpc_methods`], [`set_socket_dir`], [`set_runtime`],
 //! [`config_json`], [`shutdown`].

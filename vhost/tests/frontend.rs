@@ -570,3 +570,153 @@ fn broken_ring_recovers_on_reset_and_reconnect() {
     drop(fe);
     delete_when_idle("vbroken.0");
 }
+
+/// CONFIGURE_MEM_SLOTS: guest memory built and changed region by region with ADD_MEM_REG and
+/// REM_MEM_REG while a ring runs; bad regions are refused and leave the session working.
+#[test]
+fn memory_slots_add_and_remove() {
+    init();
+    malloc("VhMallocSlots", 1024, 4096);
+    let path = controller("vslots.0", "VhMallocSlots", false);
+    let mut conn = handshake(&path, VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS, false);
+    assert_eq!(conn.get_max_mem_slots().unwrap(), 32);
+    // Region A: the usual 4 MiB at GPA 0 (rings, headers, buffers). Region B: 1 MiB of
+    // another memfd, from file offset 1 MiB, at GPA 16 MiB.
+    let mem = Mem::new();
+    let other = Mem::new();
+    const B_GPA: u64 = 0x100_0000;
+    let b = vhost_user::VhostUserMemoryRegionInfo {
+        guest_phys_addr: B_GPA,
+        memory_size: 1 << 20,
+        userspace_addr: UVA_BASE + B_GPA,
+        mmap_offset: 1 << 20,
+        mmap_handle: other.file.as_raw_fd(),
+    };
+    conn.add_mem_region(&mem.region()).expect("add A");
+    conn.add_mem_region(&b).expect("add B");
+    let kick = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let call = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let mut fe = Fe {
+        fe: conn,
+        mem,
+        kick,
+        _call: call,
+        avail_idx: 0,
+        used_seen: 0,
+        off: 0,
+        more_kicks: Vec::new(),
+    };
+    fe.start_queue_at(0, DESC, AVAIL, USED, 0);
+
+    // A write whose data lies in region B, read back into region A.
+    let data = pattern(4096, 77);
+    other.put((1 << 20) + 0x1000, &data);
+    fe.mem
+        .put(HDR, &[T_OUT.to_le_bytes(), [0; 4], [0; 4], [0; 4]].concat());
+    fe.mem.put(HDR + 8, &16u64.to_le_bytes());
+    fe.mem.put(STATUS, &[0xff]);
+    fe.desc(0, HDR, 16, 1, 1);
+    fe.desc(1, B_GPA + 0x1000, 4096, 1, 2);
+    fe.desc(2, STATUS, 1, 2, 0);
+    fe.publish(0);
+    fe.wait_used(Duration::from_secs(10)).expect("write done");
+    assert_eq!(fe.mem.slice(STATUS, 1)[0], S_OK);
+    assert_eq!(fe.read(16, 4096), (S_OK, data.clone()));
+
+    // Region A (holding the rings) goes and comes back, as QEMU replaces a region in two
+    // steps: a request published in between waits, it is not lost and the ring not broken.
+    fe.fe.remove_mem_region(&fe.mem.region()).expect("remove A");
+    fe.mem.put(HDR, &[T_IN.to_le_bytes(), [0; 4]].concat());
+    fe.mem.put(HDR + 8, &16u64.to_le_bytes());
+    fe.mem.put(STATUS, &[0xff]);
+    fe.mem.put(DATA, &[0u8; 4096]);
+    fe.desc(0, HDR, 16, 1, 1);
+    fe.desc(1, DATA, 4096, 1 | 2, 2);
+    fe.desc(2, STATUS, 1, 2, 0);
+    fe.publish(0);
+    assert!(
+        fe.wait_used(Duration::from_millis(300)).is_none(),
+        "no ring runs without its memory"
+    );
+    fe.fe.add_mem_region(&fe.mem.region()).expect("add A again");
+    fe.wait_used(Duration::from_secs(10))
+        .expect("the waiting request completes once memory is back");
+    assert_eq!(fe.mem.slice(STATUS, 1)[0], S_OK);
+    assert_eq!(fe.mem.slice(DATA, 4096), &data[..]);
+
+    // Bad regions: each refused, the session and the ring carry on.
+    let at = |gpa: u64, uva: u64, size: u64, off: u64| vhost_user::VhostUserMemoryRegionInfo {
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: uva,
+        mmap_offset: off,
+        mmap_handle: other.file.as_raw_fd(),
+    };
+    let fd_len = MEM_SIZE as u64;
+    let bad = [
+        (at(0x1000, UVA_BASE + (1 << 40), 4096, 0), "GPA overlaps A"),
+        (
+            at(1 << 40, UVA_BASE + 0x1000, 4096, 0),
+            "frontend VA overlaps A",
+        ),
+        (at(B_GPA, UVA_BASE + (1 << 40), 4096, 0), "GPA equals B's"),
+        (
+            at(1 << 40, 1 << 41, 4096, fd_len),
+            "offset at the end of the fd",
+        ),
+        (
+            at(1 << 40, 1 << 41, 8192, fd_len - 4096),
+            "region runs past the fd",
+        ),
+        (
+            at(1 << 40, 1 << 41, 4096, u64::MAX - 4095),
+            "offset + size overflows",
+        ),
+        (
+            at(u64::MAX - 4095, 1 << 41, 8192, 0),
+            "GPA + size overflows",
+        ),
+        (at(1 << 40, 1 << 41, 4096, 100), "unaligned offset"),
+    ];
+    for (r, why) in &bad {
+        assert!(
+            fe.fe.add_mem_region(r).is_err(),
+            "ADD_MEM_REG refused: {why}"
+        );
+    }
+    let missing = at(1 << 40, 1 << 41, 4096, 0);
+    assert!(
+        fe.fe.remove_mem_region(&missing).is_err(),
+        "REM_MEM_REG of an unknown region refused"
+    );
+    let mut b_wrong_size = b;
+    b_wrong_size.memory_size = 4096;
+    assert!(
+        fe.fe.remove_mem_region(&b_wrong_size).is_err(),
+        "REM_MEM_REG must name the whole region"
+    );
+    // The table is bounded: 30 more one-page regions fit, the 33rd region does not.
+    for k in 0..30u64 {
+        let r = at((1 << 40) + k * 4096, (1 << 41) + k * 4096, 4096, k * 4096);
+        fe.fe.add_mem_region(&r).expect("slot free");
+    }
+    let r = at((1 << 40) + 30 * 4096, (1 << 41) + 30 * 4096, 4096, 0);
+    assert!(fe.fe.add_mem_region(&r).is_err(), "slots full");
+    assert_eq!(fe.read(16, 4096), (S_OK, data.clone()), "still serving");
+
+    // Region B removed: a request pointing into it no longer reaches any memory (the ring
+    // breaks rather than touch it).
+    fe.fe.remove_mem_region(&b).expect("remove B");
+    fe.mem
+        .put(HDR, &[T_OUT.to_le_bytes(), [0; 4], [0; 4], [0; 4]].concat());
+    fe.mem.put(STATUS, &[0xff]);
+    fe.desc(0, HDR, 16, 1, 1);
+    fe.desc(1, B_GPA + 0x1000, 4096, 1, 2);
+    fe.desc(2, STATUS, 1, 2, 0);
+    fe.publish(0);
+    assert!(fe.wait_used(Duration::from_millis(300)).is_none());
+    assert_eq!(fe.mem.slice(STATUS, 1)[0], 0xff, "status untouched");
+    assert!(fe.fe.get_features().is_ok(), "session still answers");
+    drop(fe);
+    delete_when_idle("vslots.0");
+}
