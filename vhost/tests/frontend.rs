@@ -720,3 +720,69 @@ fn memory_slots_add_and_remove() {
     drop(fe);
     delete_when_idle("vslots.0");
 }
+
+/// A thin bdev grown with `bdev_thin_resize` while a frontend is attached: the frontend gets
+/// CONFIG_CHANGE_MSG, GET_CONFIG reports the new capacity, and the new blocks take I/O that
+/// was refused before; the old data stays.
+#[test]
+fn thin_bdev_resize_notifies_the_frontend() {
+    init();
+    malloc("VhThinData", 4096, 4096);
+    malloc("VhThinMeta", 1024, 4096);
+    thin_call(
+        "bdev_thin_pool_create",
+        json!({"name": "vhpool", "data_bdev": "VhThinData", "metadata_bdev": "VhThinMeta"}),
+    );
+    thin_call(
+        "bdev_thin_create",
+        json!({"pool": "vhpool", "name": "VhThin0", "size_in_mib": 4}),
+    );
+    let path = controller("vthin.0", "VhThin0", false);
+    let mut fe = Fe::connect_with(
+        &path,
+        Mem::new(),
+        None,
+        0,
+        VhostUserProtocolFeatures::BACKEND_REQ,
+        false,
+    );
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    fe.fe.set_backend_request_fd(&theirs).unwrap();
+    let capacity = |fe: &mut Fe| {
+        let cfg = fe
+            .fe
+            .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0; 8])
+            .unwrap()
+            .1;
+        u64::from_le_bytes(cfg[0..8].try_into().unwrap())
+    };
+    assert_eq!(capacity(&mut fe), 8192, "4 MiB in sectors");
+    let old = pattern(4096, 31);
+    assert_eq!(fe.request(T_OUT, 8184, &old, false).0, S_OK, "last block");
+    let new = pattern(4096, 32);
+    assert_eq!(
+        fe.request(T_OUT, 12000, &new, false).0,
+        S_IOERR,
+        "past the end"
+    );
+
+    thin_call(
+        "bdev_thin_resize",
+        json!({"name": "VhThin0", "size_in_mib": 8}),
+    );
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut hdr = [0u8; 12];
+    std::io::Read::read_exact(&mut &ours, &mut hdr).expect("config change message");
+    assert_eq!(
+        u32::from_le_bytes(hdr[0..4].try_into().unwrap()),
+        2,
+        "CONFIG_CHANGE_MSG"
+    );
+    assert_eq!(capacity(&mut fe), 16384, "8 MiB in sectors");
+    assert_eq!(fe.request(T_OUT, 12000, &new, false).0, S_OK);
+    assert_eq!(fe.read(12000, 4096), (S_OK, new));
+    assert_eq!(fe.read(8184, 4096), (S_OK, old));
+    drop(fe);
+    delete_when_idle("vthin.0");
+}

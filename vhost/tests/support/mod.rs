@@ -56,6 +56,7 @@ pub fn setup_runtime_in(mask: &str, interrupt: bool, dir: Option<PathBuf>) -> Pa
         opts.pin_threads = false;
         let rt = reactor::Runtime::start(opts, || {}).expect("runtime");
         vhost::set_runtime(rt.handle());
+        bdev::thin::set_runtime(rt.handle());
         vhost::set_socket_dir(&dir);
         std::mem::forget(rt);
         dir
@@ -77,6 +78,19 @@ pub fn call(method: &str, params: Value) -> Result<Value, vhost::VhostRpcError> 
     h(params, Box::new(move |r| tx.send(r).unwrap()));
     rx.recv_timeout(Duration::from_secs(10))
         .expect("rpc answer")
+}
+
+/// Calls a `bdev_thin_*` RPC handler and waits for its answer.
+pub fn thin_call(method: &str, params: Value) -> Value {
+    let (_, h) = bdev::thin::rpc::rpc_methods()
+        .into_iter()
+        .find(|(m, _)| *m == method)
+        .expect("thin method");
+    let (tx, rx) = mpsc::channel();
+    h(params, Box::new(move |r| tx.send(r).unwrap()));
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("thin rpc answer")
+        .unwrap_or_else(|e| panic!("{method}: {e}"))
 }
 
 pub fn malloc(name: &str, num_blocks: u64, block_size: u32) {
