@@ -371,3 +371,33 @@ fn wrong_subsystem_is_refused_by_connect() {
     let e = attach("NvWrong", port, "nqn.2026-01.io.test:wrong", json!({})).unwrap_err();
     assert!(e.1.contains("Fabrics Connect"), "{e:?}");
 }
+
+#[test]
+fn garbage_mid_io_disconnects_fails_the_io_and_recovers() {
+    let nqn = "nqn.2026-01.io.test:garbage";
+    let tport = export(nqn, "MallocG", 256, 4096);
+    let proxy = Proxy::start(0, tport);
+    attach(
+        "NvG",
+        proxy.port,
+        nqn,
+        json!({"ctrlr_loss_timeout_sec": -1, "reconnect_delay_sec": 1}),
+    )
+    .expect("attach");
+    let data = pattern(77, BS);
+    let res = run_ops(0, "NvGn1", vec![Op::Write(9, data.clone())]);
+    assert_eq!(res[0].0, IoStatus::Success);
+    // The read's C2HData arrives as garbage: the queue is dropped, the read fails.
+    proxy
+        .corrupt
+        .store(true, std::sync::atomic::Ordering::Release);
+    let res = run_ops(0, "NvGn1", vec![Op::Read(9, 1)]);
+    assert_eq!(res[0].0, IoStatus::Failed(libc::EIO));
+    assert!(stat("NvG", "nr_protocol_errors") >= 1);
+    // The controller resets and reconnects; I/O works again, with the right data.
+    let res = run_ops(1, "NvGn1", vec![Op::Read(9, 1)]);
+    assert_eq!(res[0].0, IoStatus::Success);
+    assert!(res[0].1.as_deref() == Some(&data[..]));
+    assert!(stat("NvG", "nr_connects") >= 2);
+    detach("NvG").expect("detach");
+}

@@ -24,7 +24,7 @@ use slab::Slab;
 
 use super::ioq::IoQueue;
 use super::qpair::{CmdBuf, Dir, Event, Qpair, QpairOpts, QpairState, ADMIN_IN_CAPSULE};
-use super::HostError;
+use super::{HostError, HostStats};
 use crate::proto::spec::{admin, cns, fabrics, feat, get_str, reg, Cqe, Sqe};
 
 /// Admin queue entries (Connect SQSIZE 31), as Linux and SPDK hosts use.
@@ -159,6 +159,8 @@ pub struct Ctrlr {
     fast_fail: AtomicBool,
     deleted: AtomicBool,
     io_device: OnceLock<IoDevice<IoQueue>>,
+    /// Counters of all its queues.
+    pub stats: Arc<HostStats>,
 }
 
 impl std::fmt::Debug for Ctrlr {
@@ -254,6 +256,7 @@ impl Ctrlr {
                 "num_io_queues": info.nr_io_queues,
                 "bdevs": info.bdevs,
                 "last_error": info.last_error,
+                "stats": self.stats.json(),
             }]
         })
     }
@@ -324,6 +327,7 @@ pub fn attach(opts: CtrlrOpts, runtime: RuntimeHandle, done: AttachDone) {
         fast_fail: AtomicBool::new(false),
         deleted: AtomicBool::new(false),
         io_device: OnceLock::new(),
+        stats: Arc::new(HostStats::default()),
     });
     {
         let mut all = controllers();
@@ -336,11 +340,13 @@ pub fn attach(opts: CtrlrOpts, runtime: RuntimeHandle, done: AttachDone) {
         }
         all.insert(name.clone(), ctrlr.clone());
     }
-    let c2 = ctrlr.clone();
+    // The channel constructor holds the controller weakly (no cycle through io_device);
+    // channels are only made through a bdev, which holds the controller.
+    let weak_ctrlr = Arc::downgrade(&ctrlr);
     let _ = ctrlr
         .io_device
         .set(IoDevice::new(&format!("nvme:{name}"), move || {
-            IoQueue::new(c2.clone())
+            IoQueue::new(weak_ctrlr.clone())
         }));
     let a = Rc::new(RefCell::new(Admin {
         ctrlr,
@@ -395,6 +401,7 @@ fn start_connect(a: &Rc<RefCell<Admin>>) {
         hostid: o.hostid,
         connect_timeout: o.connect_timeout,
         max_xfer: 8192,
+        stats: g.ctrlr.stats.clone(),
     };
     g.ctrlr
         .set_phase(Phase::Connecting, "connecting the admin queue");
@@ -775,6 +782,7 @@ fn bring_up_done(a: &Rc<RefCell<Admin>>) {
         (g.ctrlr.clone(), g.attach_done.take())
     };
     ctrlr.generation.fetch_add(1, Ordering::AcqRel);
+    HostStats::inc(&ctrlr.stats.nr_connects);
     ctrlr.fast_fail.store(false, Ordering::Release);
     ctrlr.online.store(true, Ordering::Release);
     ctrlr.info().last_error = None;
@@ -900,7 +908,9 @@ fn keep_alive(a: &Rc<RefCell<Admin>>, now: Instant) {
             Sqe::new(admin::KEEP_ALIVE, 0),
             0,
             |a, _, _| {
-                a.borrow_mut().ka_sent = None;
+                let mut g = a.borrow_mut();
+                g.ka_sent = None;
+                HostStats::inc(&g.ctrlr.stats.nr_keep_alive);
             },
         );
     }

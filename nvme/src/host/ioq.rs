@@ -82,7 +82,13 @@ impl std::fmt::Debug for IoQueue {
 
 impl IoQueue {
     /// Creates the queue of the current reactor (connects lazily, from its poller).
-    pub fn new(ctrlr: Arc<Ctrlr>) -> IoQueue {
+    ///
+    /// Panics if the controller is gone: channels are only created through a bdev, which
+    /// keeps its controller alive (a programmer error otherwise).
+    pub fn new(ctrlr: std::sync::Weak<Ctrlr>) -> IoQueue {
+        let ctrlr = ctrlr
+            .upgrade()
+            .expect("nvme: I/O channel created for a controller nobody holds");
         let inner = Rc::new(RefCell::new(IoQ {
             ctrlr: ctrlr.clone(),
             qpair: None,
@@ -214,6 +220,7 @@ impl IoQ {
             hostid: o.hostid,
             connect_timeout: o.connect_timeout,
             max_xfer,
+            stats: self.ctrlr.stats.clone(),
         };
         self.gen = gen;
         self.max_xfer = max_xfer.max(4096);

@@ -18,6 +18,7 @@ pub mod qpair;
 pub mod sock;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// An error of the host: errno plus a message that says what failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,3 +78,50 @@ impl fmt::Display for HostError {
 }
 
 impl std::error::Error for HostError {}
+
+/// Counters of one controller's queues (all reactors), for `bdev_nvme_get_controllers` and
+/// tests. Relaxed atomics: one increment per PDU on the reactor that handles it.
+#[derive(Debug, Default)]
+pub struct HostStats {
+    /// Commands sent (all queues, including Connect and Keep Alive).
+    pub nr_commands: AtomicU64,
+    /// Commands sent with in-capsule data.
+    pub nr_in_capsule: AtomicU64,
+    /// R2T PDUs received.
+    pub nr_r2t: AtomicU64,
+    /// H2CData PDUs sent.
+    pub nr_h2c_data: AtomicU64,
+    /// C2HData PDUs received.
+    pub nr_c2h_data: AtomicU64,
+    /// Keep Alive commands completed.
+    pub nr_keep_alive: AtomicU64,
+    /// Connections that failed (lost, refused, protocol errors).
+    pub nr_connection_failures: AtomicU64,
+    /// Protocol errors (the peer was disconnected for breaking the rules).
+    pub nr_protocol_errors: AtomicU64,
+    /// Successful admin (re)connects.
+    pub nr_connects: AtomicU64,
+}
+
+impl HostStats {
+    /// Adds one to `c`.
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "nr_commands": g(&self.nr_commands),
+            "nr_in_capsule": g(&self.nr_in_capsule),
+            "nr_r2t": g(&self.nr_r2t),
+            "nr_h2c_data": g(&self.nr_h2c_data),
+            "nr_c2h_data": g(&self.nr_c2h_data),
+            "nr_keep_alive": g(&self.nr_keep_alive),
+            "nr_connection_failures": g(&self.nr_connection_failures),
+            "nr_protocol_errors": g(&self.nr_protocol_errors),
+            "nr_connects": g(&self.nr_connects),
+        })
+    }
+}

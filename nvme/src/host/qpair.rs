@@ -16,12 +16,13 @@ use std::io::{ErrorKind as IoKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 
 use super::sock;
-use super::HostError;
+use super::{HostError, HostStats};
 use crate::proto::pdu::{self, CtrlrPdu, Fatal, H2cFlags, HostRecvLimits};
 use crate::proto::spec::{fabrics, Cqe, Sqe};
 
@@ -62,6 +63,8 @@ pub struct QpairOpts {
     pub connect_timeout: Duration,
     /// Largest read the owner issues (bounds C2HData PDUs).
     pub max_xfer: u32,
+    /// The controller's counters.
+    pub stats: Arc<HostStats>,
 }
 
 /// Connection states.
@@ -301,6 +304,10 @@ impl Qpair {
             sqe.set_sgl(0, false);
         }
         let capsule_data: &[u8] = if in_capsule { buf.slice() } else { &[] };
+        HostStats::inc(&self.opts.stats.nr_commands);
+        if in_capsule {
+            HostStats::inc(&self.opts.stats.nr_in_capsule);
+        }
         pdu::push_capsule_cmd(
             &mut self.wbuf,
             &sqe.0,
@@ -376,6 +383,7 @@ impl Qpair {
             return;
         }
         self.set_state(QpairState::Failed, &err.to_string());
+        HostStats::inc(&self.opts.stats.nr_connection_failures);
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         for (_, cmd) in std::mem::take(&mut self.cmds) {
             if cmd.token == CONNECT_TOKEN {
@@ -404,6 +412,7 @@ impl Qpair {
         let mut term = Vec::new();
         pdu::push_h2c_term_req(&mut term, f, &hdr);
         let _ = self.sock.write(&term);
+        HostStats::inc(&self.opts.stats.nr_protocol_errors);
         self.fail(HostError::new(
             libc::EPROTO,
             format!(
@@ -558,7 +567,7 @@ impl Qpair {
                 format!("ICResp digests {dgst:#x} differ from the requested {want:#x}"),
             ));
         }
-        if maxh2c < 4096 || maxh2c % 4 != 0 {
+        if maxh2c < 4096 || !maxh2c.is_multiple_of(4) {
             return Err((
                 Fatal::field(12),
                 format!("ICResp MAXH2CDATA {maxh2c} invalid"),
@@ -666,6 +675,7 @@ impl Qpair {
         data: &[u8],
         ddgst_ok: bool,
     ) -> PduResult {
+        HostStats::inc(&self.opts.stats.nr_c2h_data);
         let cmd = self.cmd_mut(cid, "C2HData")?;
         if cmd.dir != Dir::Read {
             return Err((
@@ -707,6 +717,8 @@ impl Qpair {
     }
 
     fn on_r2t(&mut self, cid: u16, ttag: u16, r2to: u32, r2tl: u32) -> PduResult {
+        HostStats::inc(&self.opts.stats.nr_r2t);
+        let stats = self.opts.stats.clone();
         let maxh2c = self.max_h2c_data as usize;
         let (hdgst, ddgst) = (self.lim.hdgst, self.lim.ddgst);
         let cmd = self
@@ -733,6 +745,7 @@ impl Qpair {
             };
             let chunk = data.get(pos..pos + n).unwrap_or(&[]);
             pdu::push_h2c_data(&mut self.wbuf, cid, ttag, pos as u32, chunk, f);
+            HostStats::inc(&stats.nr_h2c_data);
             pos += n;
         }
         cmd.xferred = off + len;

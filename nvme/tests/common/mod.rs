@@ -252,6 +252,8 @@ pub struct Proxy {
     target: u16,
     stop: Arc<AtomicBool>,
     pub paused: Arc<AtomicBool>,
+    /// Replace the next target-to-host chunk with garbage.
+    pub corrupt: Arc<AtomicBool>,
     socks: Arc<Mutex<Vec<TcpStream>>>,
     pub nr_accepted: Arc<AtomicU64>,
     thread: Option<thread::JoinHandle<()>>,
@@ -265,6 +267,8 @@ impl Proxy {
         l.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));
+        let corrupt = Arc::new(AtomicBool::new(false));
+        let c2 = corrupt.clone();
         let socks: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
         let nr = Arc::new(AtomicU64::new(0));
         let (s2, p2, k2, n2) = (stop.clone(), paused.clone(), socks.clone(), nr.clone());
@@ -281,11 +285,15 @@ impl Proxy {
                         k.push(c.try_clone().expect("clone"));
                         k.push(t.try_clone().expect("clone"));
                         drop(k);
-                        for (mut from, mut to) in [
-                            (c.try_clone().expect("clone"), t.try_clone().expect("clone")),
-                            (t, c),
+                        for (mut from, mut to, to_host) in [
+                            (
+                                c.try_clone().expect("clone"),
+                                t.try_clone().expect("clone"),
+                                false,
+                            ),
+                            (t, c, true),
                         ] {
-                            let (s3, p3) = (s2.clone(), p2.clone());
+                            let (s3, p3, c3) = (s2.clone(), p2.clone(), c2.clone());
                             thread::spawn(move || {
                                 let mut buf = vec![0u8; 65536];
                                 loop {
@@ -296,6 +304,9 @@ impl Proxy {
                                     while p3.load(Ordering::Acquire) && !s3.load(Ordering::Acquire)
                                     {
                                         thread::sleep(Duration::from_millis(2));
+                                    }
+                                    if to_host && c3.swap(false, Ordering::AcqRel) {
+                                        buf[..n].fill(0xFF);
                                     }
                                     if s3.load(Ordering::Acquire)
                                         || to.write_all(&buf[..n]).is_err()
@@ -317,6 +328,7 @@ impl Proxy {
             target,
             stop,
             paused,
+            corrupt,
             socks,
             nr_accepted: nr,
             thread: Some(thread),
@@ -339,4 +351,12 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Counter `key` of controller `name` (from `bdev_nvme_get_controllers`).
+pub fn stat(name: &str, key: &str) -> u64 {
+    let c = rpc("bdev_nvme_get_controllers", json!({"name": name})).expect("get");
+    c[0]["ctrlrs"][0]["stats"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no stat {key}: {c}"))
 }
