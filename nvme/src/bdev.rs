@@ -93,14 +93,16 @@ impl Bdev for NvmeBdev {
 
     fn driver_specific(&self) -> Option<(&'static str, Value)> {
         let o = &self.ctrlr.opts;
+        let (cntlid, model, serial) = {
+            let i = self.ctrlr.info();
+            (i.cntlid, i.model.clone(), i.serial.clone())
+        };
         Some((
             "nvme",
             json!([{
                 "trid": {"trtype": "TCP", "adrfam": o.adrfam, "traddr": o.addr.ip().to_string(),
                          "trsvcid": o.addr.port().to_string(), "subnqn": o.subnqn},
-                "ctrlr_data": {"cntlid": self.ctrlr.info().cntlid,
-                               "model_number": self.ctrlr.info().model.clone(),
-                               "serial_number": self.ctrlr.info().serial.clone(),
+                "ctrlr_data": {"cntlid": cntlid, "model_number": model, "serial_number": serial,
                                "oncs": {"dsm": self.oncs & ONCS_DSM != 0,
                                         "write_zeroes": self.oncs & ONCS_WRITE_ZEROES != 0}},
                 "ns_data": {"id": self.ns.nsid},

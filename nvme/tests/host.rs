@@ -401,3 +401,43 @@ fn garbage_mid_io_disconnects_fails_the_io_and_recovers() {
     assert!(stat("NvG", "nr_connects") >= 2);
     detach("NvG").expect("detach");
 }
+
+#[test]
+fn target_silent_after_connect_times_the_attach_out() {
+    runtime();
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    thread::spawn(move || {
+        let Ok((mut s, _)) = l.accept() else { return };
+        let mut ic = [0u8; 128];
+        s.read_exact(&mut ic).expect("icreq");
+        s.write_all(&nvme::proto::pdu::ic_resp(0, 131072))
+            .expect("icresp");
+        // Connect: 72-byte capsule header + 1024 bytes of in-capsule data.
+        let mut connect = vec![0u8; 72 + 1024];
+        s.read_exact(&mut connect).expect("connect");
+        let cid = u16::from_le_bytes([connect[10], connect[11]]);
+        let cqe = nvme::proto::spec::Cqe {
+            cid,
+            dw0: 1,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        nvme::proto::pdu::push_capsule_resp(&mut out, &cqe.encode(), false);
+        s.write_all(&out).expect("connect resp");
+        // Then nothing: Property Get CAP never gets an answer.
+        let mut sink = [0u8; 4096];
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let t0 = Instant::now();
+    let e = attach(
+        "NvMute",
+        port,
+        "nqn.fake",
+        json!({"fabrics_connect_timeout_us": 300_000}),
+    )
+    .unwrap_err();
+    assert_eq!(e.0, libc::ETIMEDOUT, "{e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}

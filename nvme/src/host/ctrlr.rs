@@ -306,6 +306,8 @@ pub struct Admin {
     ka_due: Option<Instant>,
     ka_sent: Option<Instant>,
     ready_deadline: Option<Instant>,
+    /// Bring-up (after Connect) must finish by then.
+    init_deadline: Option<Instant>,
     poller: Option<PollerHandle>,
     timer: Option<PollerHandle>,
     weak: Weak<RefCell<Admin>>,
@@ -358,6 +360,7 @@ pub fn attach(opts: CtrlrOpts, runtime: RuntimeHandle, done: AttachDone) {
         ka_due: None,
         ka_sent: None,
         ready_deadline: None,
+        init_deadline: None,
         poller: None,
         timer: None,
         weak: Weak::new(),
@@ -426,7 +429,13 @@ fn admin_poll(a: &Rc<RefCell<Admin>>) -> PollStatus {
     for ev in events {
         match ev {
             Event::Connected { dw0 } => {
-                a.borrow().ctrlr.info().cntlid = (dw0 & 0xFFFF) as u16;
+                {
+                    let mut g = a.borrow_mut();
+                    g.ctrlr.info().cntlid = (dw0 & 0xFFFF) as u16;
+                    // CSTS.RDY may take up to CAP.TO (checked separately); the rest is
+                    // bounded by the connect timeout.
+                    g.init_deadline = Some(Instant::now() + g.ctrlr.opts.connect_timeout * 2);
+                }
                 a.borrow()
                     .ctrlr
                     .set_phase(Phase::Initializing, "admin queue connected");
@@ -855,6 +864,25 @@ fn admin_timer(a: &Rc<RefCell<Admin>>) {
     let ctrlr = a.borrow().ctrlr.clone();
     match ctrlr.phase() {
         Phase::Ready => keep_alive(a, now),
+        Phase::Initializing => {
+            let (init, ready) = {
+                let g = a.borrow();
+                (g.init_deadline, g.ready_deadline)
+            };
+            let deadline = match (init, ready) {
+                (Some(i), Some(r)) => Some(i.max(r)),
+                (i, r) => i.or(r),
+            };
+            if deadline.is_some_and(|d| now > d) {
+                bring_up_failed(
+                    a,
+                    HostError::new(
+                        libc::ETIMEDOUT,
+                        "controller bring-up did not finish in time",
+                    ),
+                );
+            }
+        }
         Phase::Resetting => {
             let (lost_at, due) = {
                 let g = a.borrow();
