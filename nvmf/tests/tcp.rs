@@ -516,7 +516,10 @@ fn listener_removal_disconnects_what_came_through_it() {
     assert!(c_adm.closed_by_target(), "C closed");
     assert!(d.closed_by_target(), "unconnected D closed");
     assert!(e.closed_by_target(), "E closed");
-    wait_for(|| std::net::TcpListener::bind(("127.0.0.1", p1)).is_ok());
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", p1)).is_ok(),
+        "port free once the RPC returned"
+    );
 
     // Deleting the subsystem disconnects B: its sockets close, no qpair is left.
     rpc("nvmf_delete_subsystem", json!({"nqn": nqn})).unwrap();

@@ -32,6 +32,8 @@ pub struct Listener {
     pub addr: ListenAddr,
     /// The actual bound socket address (port resolved).
     pub bound: SocketAddr,
+    /// The socket (shared with the acceptor).
+    sock: Arc<TcpListener>,
     /// Set to stop the acceptor.
     stop: Arc<AtomicBool>,
     /// Subsystems (and the discovery subsystem) using it.
@@ -67,15 +69,16 @@ pub fn acquire(t: &mut Target, addr: &ListenAddr) -> Result<(), NvmfError> {
     let bound = sock
         .local_addr()
         .map_err(|e| NvmfError::errno(libc::EIO, format!("listen socket: {e}")))?;
+    let sock = Arc::new(sock);
     let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let addr2 = addr.clone();
+    let (sock2, stop2, addr2) = (sock.clone(), stop.clone(), addr.clone());
     rt.send_msg(ReactorId::new(0), move || {
-        start_acceptor(sock, stop2, opts, addr2)
+        start_acceptor(sock2, stop2, opts, addr2)
     });
     t.listeners.push(Listener {
         addr: addr.clone(),
         bound,
+        sock,
         stop,
         refs: 1,
     });
@@ -91,11 +94,24 @@ pub fn release(t: &mut Target, addr: &ListenAddr) {
     t.listeners[i].refs -= 1;
     if t.listeners[i].refs == 0 {
         let l = t.listeners.remove(i);
-        l.stop.store(true, Ordering::SeqCst);
+        l.unlisten();
         if let Some(rt) = crate::runtime() {
             rt.send_msg(ReactorId::new(0), || {});
         }
         super::close_listener_qpairs(addr);
+    }
+}
+
+impl Listener {
+    /// Stops listening now, so that the port may be bound again as soon as this returns
+    /// (the acceptor, told by the flag, drops the socket on its next poll): `shutdown` takes
+    /// a listening socket out of the LISTEN state, and a socket that is not listening does
+    /// not keep a new `SO_REUSEADDR` socket from binding the port.
+    fn unlisten(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown(2) on a socket this listener keeps open (`self.sock`); no
+        // pointers. Failure (already shut down) changes nothing.
+        unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
     }
 }
 
@@ -181,7 +197,7 @@ pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> 
 /// Stops every acceptor.
 pub fn stop_all(t: &mut Target) {
     for l in t.listeners.drain(..) {
-        l.stop.store(true, Ordering::SeqCst);
+        l.unlisten();
     }
     if let Some(rt) = crate::runtime() {
         rt.send_msg(ReactorId::new(0), || {});
@@ -190,7 +206,7 @@ pub fn stop_all(t: &mut Target) {
 
 /// Runs on reactor 0: the acceptor poller for `sock`, bound for `addr`.
 fn start_acceptor(
-    sock: TcpListener,
+    sock: Arc<TcpListener>,
     stop: Arc<AtomicBool>,
     opts: crate::subsystem::TransportOpts,
     addr: ListenAddr,

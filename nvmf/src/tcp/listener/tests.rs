@@ -102,3 +102,31 @@ fn listener_reports_bind_errors() {
         assert!(TcpStream::connect(l6.local_addr().unwrap()).is_ok());
     }
 }
+
+#[test]
+fn unlisten_frees_the_port_at_once() {
+    let sock = bind_listener("127.0.0.1:0".parse().unwrap(), 16).expect("bind");
+    let bound = sock.local_addr().unwrap();
+    let l = super::Listener {
+        addr: crate::subsystem::ListenAddr {
+            adrfam: "IPv4".into(),
+            traddr: "127.0.0.1".into(),
+            trsvcid: bound.port().to_string(),
+        },
+        bound,
+        sock: std::sync::Arc::new(sock),
+        stop: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        refs: 0,
+    };
+    assert!(bind_listener(bound, 16).is_err(), "still listening");
+    l.unlisten();
+    assert!(
+        l.stop.load(std::sync::atomic::Ordering::SeqCst),
+        "acceptor told"
+    );
+    // The socket is still open (the acceptor drops it later), yet the port is free.
+    let again = bind_listener(bound, 16).expect("rebind right after unlisten");
+    assert!(TcpStream::connect(bound).is_ok());
+    assert!(l.sock.accept().is_err(), "the old socket accepts nothing");
+    drop(again);
+}
