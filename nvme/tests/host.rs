@@ -441,3 +441,119 @@ fn target_silent_after_connect_times_the_attach_out() {
     assert_eq!(e.0, libc::ETIMEDOUT, "{e:?}");
     assert!(t0.elapsed() < Duration::from_secs(5));
 }
+
+/// Random reads, writes (1..=300 blocks: some split at MDTS), unmaps and write zeroes on
+/// 512-byte blocks from both reactors, each on its own half of the namespace, checked
+/// against an in-memory model; then a write zeroes over more than 65536 blocks (two
+/// commands: NLB is 16 bits).
+#[test]
+fn random_ops_match_a_model() {
+    let nqn = "nqn.2026-01.io.test:model";
+    const NB: u64 = 80_000;
+    const B: usize = 512;
+    let port = export(nqn, "MallocM", NB, B as u32);
+    attach("NvM", port, nqn, json!({"io_queue_size": 16})).expect("attach");
+    let half = NB / 2;
+    let mut model = vec![0u8; NB as usize * B];
+    let mut seed = 99u64;
+    let mut rnd = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for round in 0..6u64 {
+        let mut pending = Vec::new();
+        for r in 0..2u32 {
+            // Eight disjoint slots of 2048 blocks in this reactor's half.
+            let mut ops = Vec::new();
+            let mut expect = Vec::new();
+            for slot in 0..8u64 {
+                let base = u64::from(r) * half + (rnd(2) * 8 + slot) * 2048;
+                let len = 1 + rnd(300);
+                let lba = base + rnd(2048 - len);
+                let (o, s) = (lba as usize * B, len as usize * B);
+                match rnd(4) {
+                    0 => {
+                        let d = pattern(round * 1000 + slot + u64::from(r) * 100, s);
+                        model[o..o + s].copy_from_slice(&d);
+                        ops.push(Op::Write(lba, d));
+                        expect.push(None);
+                    }
+                    1 => {
+                        ops.push(Op::Read(lba, len));
+                        expect.push(Some(model[o..o + s].to_vec()));
+                    }
+                    2 => {
+                        model[o..o + s].fill(0);
+                        ops.push(Op::Unmap(lba, len));
+                        expect.push(None);
+                    }
+                    _ => {
+                        model[o..o + s].fill(0);
+                        ops.push(Op::WriteZeroes(lba, len));
+                        expect.push(None);
+                    }
+                }
+            }
+            pending.push((run_ops_async(r, "NvMn1", ops), expect));
+        }
+        for (rx, expect) in pending {
+            let res = rx.recv_timeout(Duration::from_secs(60)).expect("batch");
+            for (i, ((s, d), e)) in res.into_iter().zip(expect).enumerate() {
+                assert_eq!(s, IoStatus::Success, "round {round} op {i}");
+                if let Some(e) = e {
+                    assert!(
+                        d.as_deref() == Some(&e[..]),
+                        "round {round} op {i}: data differs"
+                    );
+                }
+            }
+        }
+    }
+    // Whole namespace against the model, in 256-block reads from both reactors.
+    let reads: Vec<Op> = (0..NB / 256).map(|i| Op::Read(i * 256, 256)).collect();
+    let res = run_ops(1, "NvMn1", reads);
+    for (i, (s, d)) in res.into_iter().enumerate() {
+        assert_eq!(s, IoStatus::Success);
+        let o = i * 256 * B;
+        assert!(
+            d.as_deref() == Some(&model[o..o + 256 * B]),
+            "chunk {i} differs"
+        );
+    }
+    let c0 = stat("NvM", "nr_commands");
+    model[75_000 * B..75_001 * B].fill(0xAB);
+    let res = run_ops(
+        0,
+        "NvMn1",
+        vec![Op::Write(75_000, vec![0xAB; B]), Op::WriteZeroes(0, 70_000)],
+    );
+    assert!(res.iter().all(|(s, _)| *s == IoStatus::Success));
+    let cmds = stat("NvM", "nr_commands") - c0;
+    assert!(
+        (3..=4).contains(&cmds),
+        "{cmds} commands (1 write + 2 write zeroes [+ keep alive])"
+    );
+    let res = run_ops(
+        1,
+        "NvMn1",
+        vec![
+            Op::Read(60_000, 256),
+            Op::Read(70_000, 1),
+            Op::Read(75_000, 1),
+        ],
+    );
+    assert!(res[0]
+        .1
+        .as_deref()
+        .is_some_and(|d| d.iter().all(|&b| b == 0)));
+    for (i, lba) in [(1, 70_000usize), (2, 75_000)] {
+        let o = lba * B;
+        assert!(
+            res[i].1.as_deref() == Some(&model[o..o + B]),
+            "block {lba} differs"
+        );
+    }
+    detach("NvM").expect("detach");
+}
