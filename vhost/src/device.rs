@@ -388,6 +388,10 @@ impl VhostUserBackendReqHandlerMut for DevState {
         Ok(self.protocol_features())
     }
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        if crate::debug() {
+            let f = VhostUserProtocolFeatures::from_bits_truncate(features);
+            crate::log(&format!("{}: protocol features {f:?}", self.shared.name));
+        }
         self.acked_protocol = features;
         Ok(())
     }
@@ -475,6 +479,15 @@ impl VhostUserBackendReqHandlerMut for DevState {
     ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
         let mem = GuestMem::with_region(self.mem.as_deref(), r, fd)
             .map_err(|e| inval(&format!("ADD_MEM_REG: {e}")))?;
+        if crate::debug() {
+            crate::log(&format!(
+                "{}: ADD_MEM_REG gpa {:#x} size {:#x}: {} region(s)",
+                self.shared.name,
+                { r.guest_phys_addr },
+                { r.memory_size },
+                mem.nr_regions()
+            ));
+        }
         self.mem = Some(mem);
         Ok(None)
     }

@@ -35,10 +35,13 @@ pub use rpc::{rpc_methods, VhostRpcError, VhostRpcHandler};
 static DEBUG: AtomicBool = AtomicBool::new(false);
 
 pub(crate) fn debug() -> bool {
+    static FROM_ENV: OnceLock<bool> = OnceLock::new();
     DEBUG.load(Ordering::Relaxed)
+        || *FROM_ENV.get_or_init(|| std::env::var_os("THIND_VHOST_DEBUG").is_some_and(|v| v == "1"))
 }
 
-/// Enables state-transition tracing on stderr.
+/// Enables state-transition and session tracing on stderr (also on with the environment
+/// variable `THIND_VHOST_DEBUG=1`).
 pub fn set_debug(on: bool) {
     DEBUG.store(on, Ordering::Relaxed);
 }
