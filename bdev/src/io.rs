@@ -16,7 +16,7 @@ use std::fmt;
 use std::rc::{Rc, Weak as RcWeak};
 use std::sync::Arc;
 
-use crate::bdev::{Bdev, IoStatus, IoType};
+use crate::bdev::{Bdev, BdevCore, IoStatus, IoType};
 use crate::buf::IoBuf;
 use crate::error::{BdevError, ErrorKind, Result};
 use crate::iostat::{ticks, ChannelStats};
@@ -216,7 +216,7 @@ pub struct Completer {
 
 impl Completer {
     /// Finishes `io` with `status`. The callback runs later, from the channel's poll.
-    #[inline]
+    #[inline(always)]
     pub fn complete(&self, io: ModuleIo, status: IoStatus) {
         self.q.q.borrow_mut().push((io.slot, status, io.owned));
     }
@@ -300,6 +300,9 @@ impl SlotPool {
 
 pub(crate) struct ChannelInner {
     bdev: Arc<dyn Bdev>,
+    /// `bdev.core()`, resolved once so the data path reads the size without a virtual call.
+    /// SAFETY invariant: points into the allocation `bdev` keeps alive for the channel's life.
+    core: *const BdevCore,
     block_size: u64,
     boundary: u64,
     supported: u8,
@@ -318,6 +321,16 @@ pub(crate) struct ChannelInner {
     now_ticks: Cell<u64>,
     /// The drained completion batch, kept to reuse its allocation.
     spare: RefCell<Vec<Completion>>,
+}
+
+impl ChannelInner {
+    /// The bdev's current size in blocks.
+    #[inline]
+    fn num_blocks(&self) -> u64 {
+        // SAFETY: `core` points into the bdev that `self.bdev` (an `Arc`) keeps alive and in
+        // place for as long as `self` lives; `BdevCore` is `Sync`.
+        unsafe { (*self.core).num_blocks() }
+    }
 }
 
 impl Drop for ChannelInner {
@@ -411,6 +424,7 @@ impl BdevChannel {
         let core = bdev.core();
         let inner = ChannelInner {
             bdev: bdev.clone(),
+            core: core as *const BdevCore,
             block_size: u64::from(core.block_size()),
             boundary: u64::from(core.optimal_io_boundary()),
             supported,
@@ -464,6 +478,7 @@ impl BdevChannel {
     }
 
     /// Reads `num_blocks` blocks at `offset_blocks` into `buf` (exactly that many bytes).
+    #[inline]
     pub fn read(
         &self,
         buf: IoBuf,
@@ -472,17 +487,11 @@ impl BdevChannel {
         tag: u64,
         cb: &IoCallback,
     ) -> Result<(), SubmitError> {
-        self.submit(
-            IoType::Read,
-            Payload::Owned(buf),
-            offset_blocks,
-            num_blocks,
-            tag,
-            cb,
-        )
+        self.submit_buf(IoType::Read, buf, offset_blocks, num_blocks, tag, cb)
     }
 
     /// Writes `buf` (exactly `num_blocks` blocks) at `offset_blocks`.
+    #[inline]
     pub fn write(
         &self,
         buf: IoBuf,
@@ -491,14 +500,7 @@ impl BdevChannel {
         tag: u64,
         cb: &IoCallback,
     ) -> Result<(), SubmitError> {
-        self.submit(
-            IoType::Write,
-            Payload::Owned(buf),
-            offset_blocks,
-            num_blocks,
-            tag,
-            cb,
-        )
+        self.submit_buf(IoType::Write, buf, offset_blocks, num_blocks, tag, cb)
     }
 
     /// Reads `buf.len()` bytes at byte offset `offset_bytes`; both must be block multiples.
@@ -654,7 +656,7 @@ impl BdevChannel {
         if io_type == IoType::Reset {
             return Ok(());
         }
-        let size = inner.bdev.core().num_blocks();
+        let size = inner.num_blocks();
         let in_range = offset_blocks
             .checked_add(num_blocks)
             .is_some_and(|end| end <= size);
@@ -680,6 +682,75 @@ impl BdevChannel {
                 inner.block_size
             )));
         }
+        Ok(())
+    }
+
+    /// The read/write fast path: an in-range, unsplit I/O on an owned buffer whose slot comes
+    /// from the free list. Everything else (errors, splitting, a growing pool) takes the
+    /// general [`BdevChannel::submit`], which re-checks and reports precisely.
+    ///
+    /// Free slots keep `payload = None`, `cb = None`, `parent = NO_PARENT` and
+    /// `children_left = 0` (restored by `finish`), so only the per-I/O fields are written.
+    #[inline(always)]
+    fn submit_buf(
+        &self,
+        io_type: IoType,
+        buf: IoBuf,
+        offset_blocks: u64,
+        num_blocks: u64,
+        tag: u64,
+        cb: &IoCallback,
+    ) -> Result<(), SubmitError> {
+        let inner = &*self.inner;
+        let size = inner.num_blocks();
+        let len = buf.len();
+        // num_blocks <= size and size * block_size fits in u64 (validated geometry), so the
+        // product cannot overflow once the range check passed.
+        let fast = inner.boundary == 0
+            && inner.supported & (1 << io_type as u8) != 0
+            && num_blocks != 0
+            && offset_blocks <= size
+            && num_blocks <= size - offset_blocks
+            && num_blocks * inner.block_size == len as u64;
+        let mut pool = inner.pool.borrow_mut();
+        let id = if fast { pool.free.pop() } else { None };
+        let Some(id) = id else {
+            drop(pool);
+            return self.submit(
+                io_type,
+                Payload::Owned(buf),
+                offset_blocks,
+                num_blocks,
+                tag,
+                cb,
+            );
+        };
+        let Some(slot) = pool.slots.get_mut(id as usize) else {
+            unreachable!("free list holds slot {id} beyond the pool");
+        };
+        debug_assert!(matches!(slot.payload, Payload::None));
+        debug_assert!(slot.parent == NO_PARENT && slot.children_left == 0);
+        slot.io_type = io_type;
+        slot.offset_blocks = offset_blocks;
+        slot.num_blocks = num_blocks;
+        slot.tag = tag;
+        // A free slot holds no callback; forgetting the `None` it held skips drop glue.
+        let old = slot.cb.replace(cb.clone());
+        debug_assert!(old.is_none());
+        std::mem::forget(old);
+        slot.start_ticks = inner.now_ticks.get();
+        drop(pool);
+        inner.nr_inflight.set(inner.nr_inflight.get() + 1);
+        let ptr = buf.as_ptr() as *mut u8;
+        inner.module.borrow_mut().submit(ModuleIo {
+            slot: id,
+            io_type,
+            offset_blocks,
+            num_blocks,
+            owned: Some(buf),
+            ptr,
+            len,
+        });
         Ok(())
     }
 
@@ -843,6 +914,16 @@ impl BdevChannel {
         work
     }
 
+    /// The channel's clock: [`crate::ticks`] as read once at the start of the latest
+    /// [`BdevChannel::poll`] (at creation before the first). Submissions are stamped with it
+    /// and [`IoDone::latency_ticks`] is measured against it, so a caller that needs "now"
+    /// inside a completion callback can read it here instead of the clock (as SPDK reads
+    /// the TSC once per thread poll).
+    #[inline]
+    pub fn now_ticks(&self) -> u64 {
+        self.inner.now_ticks.get()
+    }
+
     /// Number of top-level I/Os submitted and not yet completed on this channel.
     pub fn nr_inflight(&self) -> usize {
         self.inner.nr_inflight.get()
@@ -853,36 +934,30 @@ impl BdevChannel {
         !self.inner.done.q.borrow().is_empty() || self.inner.nr_inflight.get() > 0
     }
 
+    #[inline]
     fn finish(&self, id: u32, status: IoStatus, buf: Option<IoBuf>, now: u64) {
-        let inner = &self.inner;
+        let inner = &*self.inner;
         let mut pool = inner.pool.borrow_mut();
-        let Some(slot) = pool.slots.get_mut(id as usize) else {
+        let Some(slot) = pool.slots.get(id as usize) else {
             return;
         };
-        let parent = slot.parent;
-        let top = if parent == NO_PARENT {
-            id
+        let (top, status) = if slot.parent == NO_PARENT {
+            (id, status)
         } else {
-            slot.parent = NO_PARENT;
-            pool.free.push(id);
-            let p = &mut pool.slots[parent as usize];
-            if !status.is_success() && p.status.is_success() {
-                p.status = status;
+            match child_done(&mut pool, id, status) {
+                Some(parent) => parent,
+                None => return,
             }
-            p.children_left -= 1;
-            if p.children_left > 0 {
-                return;
-            }
-            parent
         };
-        let slot = &mut pool.slots[top as usize];
-        if parent == NO_PARENT {
-            slot.status = status;
-        }
-        let status = slot.status;
+        let Some(slot) = pool.slots.get_mut(top as usize) else {
+            return;
+        };
         let cb = slot.cb.take();
-        let payload = std::mem::replace(&mut slot.payload, Payload::None);
-        let buf = buf.or_else(|| into_buf(payload));
+        // An I/O that owned its buffer keeps no payload in the slot (see `submit`).
+        let buf = match buf {
+            Some(b) => Some(b),
+            None => into_buf(std::mem::replace(&mut slot.payload, Payload::None)),
+        };
         let lat = now.saturating_sub(slot.start_ticks);
         let done = IoDone {
             tag: slot.tag,
@@ -907,6 +982,21 @@ impl BdevChannel {
             cb(done);
         }
     }
+}
+
+/// Frees split child `id` and counts it against its parent. Returns the parent and its
+/// combined status once the last child is done.
+#[cold]
+fn child_done(pool: &mut SlotPool, id: u32, status: IoStatus) -> Option<(u32, IoStatus)> {
+    let slot = pool.slots.get_mut(id as usize)?;
+    let parent = std::mem::replace(&mut slot.parent, NO_PARENT);
+    pool.free.push(id);
+    let p = pool.slots.get_mut(parent as usize)?;
+    if !status.is_success() && p.status.is_success() {
+        p.status = status;
+    }
+    p.children_left -= 1;
+    (p.children_left == 0).then_some((parent, p.status))
 }
 
 fn pool_exhausted(inner: &ChannelInner, payload: Payload) -> SubmitError {

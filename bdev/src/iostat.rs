@@ -180,14 +180,13 @@ impl AtomicOpStat {
 /// Statistics of one channel; written only by the owning reactor.
 #[derive(Default)]
 pub struct ChannelStats {
-    read: AtomicOpStat,
-    write: AtomicOpStat,
-    unmap: AtomicOpStat,
-    write_zeroes: AtomicOpStat,
-    flush: AtomicOpStat,
-    reset: AtomicOpStat,
+    /// Counters per I/O type, indexed by `IoType as usize` (read, write, unmap, flush, reset,
+    /// write_zeroes), so recording is an index, not a match.
+    by_type: [AtomicOpStat; 6],
     num_errors: AtomicU64,
 }
+
+const _: () = assert!(IoType::ALL.len() == 6);
 
 impl ChannelStats {
     /// Records one completed top-level I/O. Owning reactor only.
@@ -197,26 +196,26 @@ impl ChannelStats {
             bump(&self.num_errors, 1);
             return;
         }
-        let s = match io_type {
-            IoType::Read => &self.read,
-            IoType::Write => &self.write,
-            IoType::Unmap => &self.unmap,
-            IoType::WriteZeroes => &self.write_zeroes,
-            IoType::Flush => &self.flush,
-            IoType::Reset => &self.reset,
-        };
-        s.record(bytes, lat);
+        if let Some(s) = self.by_type.get(io_type as usize) {
+            s.record(bytes, lat);
+        }
+    }
+
+    fn op(&self, io_type: IoType) -> OpStat {
+        self.by_type
+            .get(io_type as usize)
+            .map_or_else(OpStat::default, AtomicOpStat::snapshot)
     }
 
     /// A consistent-enough copy of the counters. Any thread.
     pub fn snapshot(&self) -> IoStatSnapshot {
         IoStatSnapshot {
-            read: self.read.snapshot(),
-            write: self.write.snapshot(),
-            unmap: self.unmap.snapshot(),
-            write_zeroes: self.write_zeroes.snapshot(),
-            flush: self.flush.snapshot(),
-            reset: self.reset.snapshot(),
+            read: self.op(IoType::Read),
+            write: self.op(IoType::Write),
+            unmap: self.op(IoType::Unmap),
+            write_zeroes: self.op(IoType::WriteZeroes),
+            flush: self.op(IoType::Flush),
+            reset: self.op(IoType::Reset),
             num_errors: self.num_errors.load(Ordering::Relaxed),
         }
     }
