@@ -1,17 +1,17 @@
-//! The latency clock: the CPU's time-stamp counter where it is invariant (x86_64 with
-//! `constant_tsc`), calibrated once against `Instant`; elsewhere `Instant` itself.
+//! The latency clock: the bdev layer's tick counter (the CPU's time-stamp counter on x86_64,
+//! nanoseconds elsewhere), calibrated once against `Instant`.
 //!
-//! Reading the TSC costs a few nanoseconds, against ~20-25 ns for `Instant::now()` (a vDSO
-//! `clock_gettime`); at 10 M IOPS per core the I/O budget is 100 ns, so the clock is read once
-//! per I/O: a completion's timestamp doubles as the submit timestamp of the I/O that reuses
-//! the slot. `bench::clock::measure_cost_ns` reports the cost on this machine.
+//! Reading the TSC costs ~10 ns here, against ~20-25 ns for `Instant::now()` (a vDSO
+//! `clock_gettime`); at 15 M IOPS per core the I/O budget is under 70 ns, so a job does not
+//! read the clock per I/O at all: as in SPDK, the channel reads it once per poll
+//! ([`bdev::BdevChannel::now_ticks`]) and reports each I/O's latency against that reading.
+//! [`uses_tsc`] says whether the TSC is invariant (`constant_tsc` and `nonstop_tsc`), i.e.
+//! whether tick intervals are exact; `bench::clock::measure_cost_ns` reports the cost.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-static EPOCH: OnceLock<Instant> = OnceLock::new();
-
-/// Whether `ticks()` reads the TSC.
+/// Whether `ticks()` reads an invariant TSC (exact intervals across frequency changes).
 pub fn uses_tsc() -> bool {
     static TSC: OnceLock<bool> = OnceLock::new();
     *TSC.get_or_init(|| {
@@ -30,38 +30,13 @@ pub fn uses_tsc() -> bool {
     })
 }
 
-/// The current time in ticks of an unspecified, monotonic, per-machine clock.
+/// The current time in ticks of an unspecified, monotonic, per-machine clock: the bdev
+/// layer's clock ([`bdev::ticks`], the TSC on x86_64), so a job can take "now" and I/O
+/// latencies from its channel ([`bdev::BdevChannel::now_ticks`],
+/// [`bdev::IoDone::latency_ticks`]) without reading the clock per I/O.
 #[inline]
 pub fn ticks() -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if uses_tsc_fast() {
-            // SAFETY: RDTSC has no memory effects and exists on every x86_64 CPU.
-            return unsafe { std::arch::x86_64::_rdtsc() };
-        }
-    }
-    instant_ticks()
-}
-
-#[inline]
-fn uses_tsc_fast() -> bool {
-    use std::sync::atomic::{AtomicU8, Ordering};
-    // 0 = unknown, 1 = no, 2 = yes; a relaxed byte load instead of OnceLock's acquire path.
-    static STATE: AtomicU8 = AtomicU8::new(0);
-    match STATE.load(Ordering::Relaxed) {
-        2 => true,
-        1 => false,
-        _ => {
-            let yes = uses_tsc();
-            STATE.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
-            yes
-        }
-    }
-}
-
-fn instant_ticks() -> u64 {
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    bdev::ticks()
 }
 
 /// Converts ticks to time; made once per run by [`Clock::calibrate`].
@@ -77,11 +52,6 @@ impl Clock {
     /// few (Instant, ticks, Instant) brackets, so a preemption between two reads on a busy
     /// machine does not skew the rate.
     pub fn calibrate(window: Duration) -> Clock {
-        if !uses_tsc() {
-            return Clock {
-                ticks_per_us: 1000.0,
-            };
-        }
         let (i0, t0) = paired_reading();
         std::thread::sleep(window);
         let (i1, t1) = paired_reading();

@@ -222,7 +222,7 @@ impl Generator {
     }
 
     /// The next I/O unit: sequential with wrap, or uniformly random.
-    #[inline]
+    #[inline(always)]
     pub fn next_unit(&mut self) -> u64 {
         if self.workload.is_random() {
             self.rng.below(self.nr_units)
@@ -238,7 +238,7 @@ impl Generator {
 
     /// The operation of the next I/O. Verify always starts with a write; its read-back is
     /// issued by the job, not drawn here.
-    #[inline]
+    #[inline(always)]
     pub fn next_op(&mut self) -> Op {
         match self.workload {
             Workload::Read | Workload::RandRead => Op::Read,
