@@ -3,9 +3,10 @@
 //! completion on a rendezvous channel. Never call these from a reactor (it would deadlock).
 //!
 //! [`MetaBlockIo`] is `pdata`'s [`BlockIo`] over the metadata bdev (4 KiB blocks);
-//! [`SyncIo`] also serves the worker's few data-bdev operations (pre-commit flush, discard
-//! passdown, the label table block).
+//! [`SyncIo`] also serves the worker's few data-bdev operations (pre-commit flush, the label
+//! table block) and, without waiting ([`SyncIo::start`]), discard passdown.
 
+use std::cell::Cell;
 use std::io;
 use std::rc::Rc;
 use std::sync::mpsc;
@@ -63,44 +64,74 @@ impl SyncIo {
             "unaligned sync I/O length"
         );
         let (tx, rx) = mpsc::sync_channel::<Result<Vec<u8>, i32>>(1);
-        let desc = self.desc.clone();
-        self.rt.send_msg(self.reactor, move || {
-            submit_sync(&desc, op, offset_bytes / bs, len_bytes, data, tx)
-        });
+        self.start(
+            op,
+            offset_bytes,
+            len_bytes,
+            data,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
         match rx.recv_timeout(SYNC_IO_TIMEOUT) {
             Ok(r) => r,
             Err(_) => Err(libc::EIO),
         }
     }
+
+    /// Starts `op` like [`SyncIo::run`] without waiting: `done` gets the outcome on the I/O
+    /// reactor (or is dropped unrun if the runtime stops first).
+    pub fn start(
+        &self,
+        op: SyncOp,
+        offset_bytes: u64,
+        len_bytes: usize,
+        data: Option<Vec<u8>>,
+        done: SyncDone,
+    ) {
+        let bs = self.block_size();
+        assert!(offset_bytes.is_multiple_of(bs), "unaligned I/O offset");
+        assert!(
+            (len_bytes as u64).is_multiple_of(bs),
+            "unaligned I/O length"
+        );
+        let desc = self.desc.clone();
+        self.rt.send_msg(self.reactor, move || {
+            submit_on_reactor(&desc, op, offset_bytes / bs, len_bytes, data, done)
+        });
+    }
 }
 
-/// On the I/O reactor: submit and send the outcome to `tx` from the completion.
-fn submit_sync(
+/// Receives the outcome of a [`SyncIo::start`]: the bytes read, or a positive errno.
+pub(crate) type SyncDone = Box<dyn FnOnce(Result<Vec<u8>, i32>) + Send>;
+
+/// On the I/O reactor: submit and hand the outcome to `done` from the completion.
+fn submit_on_reactor(
     desc: &BdevDesc,
     op: SyncOp,
     offset_blocks: u64,
     len_bytes: usize,
     data: Option<Vec<u8>>,
-    tx: mpsc::SyncSender<Result<Vec<u8>, i32>>,
+    done: SyncDone,
 ) {
     let ch = match desc.get_io_channel() {
         Ok(ch) => ch,
-        Err(e) => {
-            let _ = tx.send(Err(e.errno()));
-            return;
-        }
+        Err(e) => return done(Err(e.errno())),
     };
     let bs = u64::from(desc.bdev().block_size());
     let nr = len_bytes as u64 / bs;
     let keep = ch.clone();
-    let tx_cb = tx.clone();
+    let slot = Rc::new(Cell::new(Some(done)));
+    let slot_cb = slot.clone();
     let cb: IoCallback = Rc::new(move |d: IoDone| {
         let _channel_alive_until_done = &keep;
         let r = match d.status {
             IoStatus::Success => Ok(d.buf.as_ref().map(|b| b.to_vec()).unwrap_or_default()),
             other => Err(other.errno()),
         };
-        let _ = tx_cb.send(r);
+        if let Some(done) = slot_cb.take() {
+            done(r);
+        }
     });
     let r = match op {
         SyncOp::Read => ch.read(IoBuf::alloc(len_bytes), offset_blocks, nr, 0, &cb),
@@ -112,7 +143,9 @@ fn submit_sync(
         SyncOp::Unmap => ch.unmap(offset_blocks, nr, 0, &cb),
     };
     if let Err(e) = r {
-        let _ = tx.send(Err(e.errno()));
+        if let Some(done) = slot.take() {
+            done(Err(e.errno()));
+        }
     }
 }
 

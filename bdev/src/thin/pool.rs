@@ -7,10 +7,13 @@
 //!
 //! Durability is decided here: [`Worker::commit`] flushes the data bdev (dm-thin's
 //! `pre_commit`), then commits the metadata. Flush requests queued while the worker was busy
-//! share one commit. Blocks allocated to shards but not yet mapped ("outstanding") are dropped
+//! share one commit. Blocks allocated to shards but not yet mapped ("outstanding") and freed
+//! blocks whose discard is still going down to the data bdev ("discarding") are held: dropped
 //! from the space map for the duration of each commit and taken again right after, so the
-//! committed space map never leaks them; blocks freed in the open transaction are never
-//! handed out before it commits (pdata guarantees this for `alloc_data_block`).
+//! committed space map never leaks them and nobody allocates them meanwhile; blocks freed in
+//! the open transaction are never handed out before it commits (pdata guarantees this for
+//! `alloc_data_block`). A discarded block is thus reusable only after both the commit that
+//! freed it and its passdown completed; the worker never waits for the passdown.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -193,6 +196,8 @@ pub(crate) struct Worker {
     dirty: bool,
     /// Data blocks handed to shards and not yet mapped or released.
     outstanding: HashSet<u64>,
+    /// Freed data blocks whose passdown discard is in flight (held like `outstanding`).
+    discarding: HashSet<u64>,
     /// Allocations waiting for space (deadline, reply).
     space_waiters: VecDeque<(Instant, Reply<u64>)>,
     /// Flushes waiting for the next commit.
@@ -249,6 +254,7 @@ impl Worker {
             labels,
             dirty: false,
             outstanding: HashSet::new(),
+            discarding: HashSet::new(),
             space_waiters: VecDeque::new(),
             flush_waiters: Vec::new(),
             last_commit: Instant::now(),
@@ -289,6 +295,7 @@ impl Worker {
         let _ = self.pmd.abort();
         let _ = self.pmd.set_needs_check();
         self.outstanding.clear();
+        self.discarding.clear();
         self.dirty = false;
         self.shared.needs_check.store(true, Ordering::Release);
         self.shared.epoch.fetch_add(1, Ordering::AcqRel);
@@ -487,8 +494,8 @@ impl Worker {
         self.dirty = true;
     }
 
-    /// Unmaps `[begin, end)` of `dev`; with passdown, discards data blocks whose count drops
-    /// to zero (before replying, so none can be reused while the discard is in flight).
+    /// Unmaps `[begin, end)` of `dev`; with passdown, starts a discard of each data block whose
+    /// count drops to zero and holds the block until the discard completes (see the file doc).
     pub fn remove(&mut self, dev: u64, begin: u64, end: u64, passdown: bool) -> Result<u64, i32> {
         if self.is_read_only() {
             return Ok(0);
@@ -524,13 +531,56 @@ impl Worker {
         }
         for d in mapped {
             if self.data_count(d)? == 0 {
-                let off = d * self.shared.dbs_bytes;
-                let len = self.shared.dbs_bytes as usize;
-                // A failed discard loses nothing: the block is unmapped either way.
-                let _ = self.data_io.run(SyncOp::Unmap, off, len, None);
+                self.passdown(d)?;
             }
         }
         Ok(n)
+    }
+
+    /// Holds free block `d` and discards it on the data bdev; [`Worker::passdown_done`] runs
+    /// on the worker when the discard completes.
+    fn passdown(&mut self, d: u64) -> Result<(), i32> {
+        if self.discarding.contains(&d) || self.outstanding.contains(&d) {
+            return Ok(());
+        }
+        if let Err(e) = self.pmd.inc_data_block(DataBlock(d)) {
+            self.fail("passdown (hold)", &e);
+            return Err(libc::EIO);
+        }
+        self.discarding.insert(d);
+        let off = d * self.shared.dbs_bytes;
+        let len = self.shared.dbs_bytes as usize;
+        let shared = Arc::downgrade(&self.shared);
+        // A failed discard loses nothing: the block is unmapped either way.
+        self.data_io.start(
+            SyncOp::Unmap,
+            off,
+            len,
+            None,
+            Box::new(move |_| {
+                if let Some(s) = shared.upgrade() {
+                    let _ = s.send_job(Box::new(move |w| w.passdown_done(d)));
+                }
+            }),
+        );
+        Ok(())
+    }
+
+    /// The discard of held block `d` completed: free it (in the open transaction, so it is
+    /// reusable once that commits, or at once if the commit that freed it is done).
+    fn passdown_done(&mut self, d: u64) {
+        if !self.discarding.remove(&d) {
+            // Dropped by a switch to read-only (the abort restored the committed counts).
+            return;
+        }
+        if let Err(e) = self.pmd.dec_data_block(DataBlock(d)) {
+            self.fail("passdown (release)", &e);
+            return;
+        }
+        self.dirty = true;
+        if !self.space_waiters.is_empty() {
+            self.retry_space_waiters();
+        }
     }
 
     /// Queues a flush: answered after the next commit (this round).
@@ -562,7 +612,7 @@ impl Worker {
             return Ok(());
         }
         self.flush_data()?;
-        let held: Vec<u64> = self.outstanding.iter().copied().collect();
+        let held = self.held_blocks();
         for &b in &held {
             if let Err(e) = self.pmd.dec_data_block(DataBlock(b)) {
                 self.fail("commit (drop outstanding)", &e);
@@ -588,10 +638,22 @@ impl Worker {
         Ok(())
     }
 
+    /// Blocks allocated in the space map that no mapping holds: outstanding and discarding.
+    fn held_blocks(&self) -> Vec<u64> {
+        let held: Vec<u64> = self
+            .outstanding
+            .iter()
+            .chain(self.discarding.iter())
+            .copied()
+            .collect();
+        debug_assert!(self.outstanding.is_disjoint(&self.discarding));
+        held
+    }
+
     /// Rolls back to the last commit after a failed control operation, keeping the shards'
-    /// outstanding blocks allocated.
+    /// outstanding blocks and the discarding blocks allocated.
     fn rollback(&mut self) {
-        let held: Vec<u64> = self.outstanding.iter().copied().collect();
+        let held = self.held_blocks();
         if let Err(e) = self.pmd.abort() {
             self.fail("rollback", &e);
             return;
@@ -758,8 +820,10 @@ impl Worker {
         let total_meta = self.pmd.metadata_nr_blocks();
         let used_meta = total_meta - self.pmd.metadata_nr_free().min(total_meta);
         let total_data = self.pmd.data_nr_blocks();
-        // Blocks reserved by shards but not mapped yet are not used (never committed).
-        let free_data = self.pmd.data_nr_free() + self.outstanding.len() as u64;
+        // Blocks reserved by shards but not mapped yet, and freed blocks whose discard is in
+        // flight, are not used (never committed).
+        let free_data =
+            self.pmd.data_nr_free() + (self.outstanding.len() + self.discarding.len()) as u64;
         let used_data = total_data - free_data.min(total_data);
         let mut thins = Vec::new();
         let labels: Vec<(u64, Label)> = self
