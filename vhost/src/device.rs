@@ -228,11 +228,30 @@ impl DevState {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
-    fn reset(&mut self) {
+    /// The connection ended: everything of the session goes.
+    fn end_session(&mut self) {
         let shared = self.shared.clone();
-        let inflight = self.inflight.take();
         *self = DevState::new(shared);
-        self.inflight = inflight;
+    }
+
+    /// RESET_DEVICE (or the older RESET_OWNER): every ring back to its initial state (stopped,
+    /// disabled, no size, addresses or kick fd, index 0, not broken) and the virtio features
+    /// unacked. What belongs to the connection stays: the memory table (QEMU keeps its
+    /// memory-slot table across a reset and does not send it again), the protocol features,
+    /// the backend channel, and the call and error fds (QEMU sends SET_VRING_ERR only once per
+    /// connection). The in-flight area is dropped: it describes the rings before the reset,
+    /// and QEMU hands one over again (SET_INFLIGHT_FD) every time it starts the device.
+    fn reset_device_state(&mut self) {
+        for v in &mut self.vrings {
+            let (call, err) = (v.call.take(), v.err.take());
+            *v = VringCfg {
+                call,
+                err,
+                ..VringCfg::default()
+            };
+        }
+        self.acked_features = 0;
+        self.inflight = None;
     }
 
     /// Builds the start message of ring `i` if it is ready to run.
@@ -303,11 +322,11 @@ impl VhostUserBackendReqHandlerMut for DevState {
         Ok(())
     }
     fn reset_owner(&mut self) -> VuResult<()> {
-        self.reset();
+        self.reset_device_state();
         Ok(())
     }
     fn reset_device(&mut self) -> VuResult<()> {
-        self.reset();
+        self.reset_device_state();
         Ok(())
     }
     fn get_features(&mut self) -> VuResult<u64> {
@@ -653,6 +672,9 @@ fn on_ready(id: u64) {
         return;
     }
     if let Some(c) = &h.conn {
+        if crate::debug() {
+            trace_next_message(&h.shared.name, c.as_raw_fd());
+        }
         if let Some(chan) = peek_backend_req_fd(c.as_raw_fd()) {
             h.config_chan = Some(chan);
         }
@@ -665,6 +687,29 @@ fn on_ready(id: u64) {
 const SET_BACKEND_REQ_FD: u32 = 21;
 /// `BackendReq::CONFIG_CHANGE_MSG`.
 const CONFIG_CHANGE_MSG: u32 = 2;
+
+/// Logs the request code and payload size of the next message on `sock` (peeked, not read).
+fn trace_next_message(name: &str, sock: RawFd) {
+    let mut hdr = [0u8; 12];
+    // SAFETY: recv into a local 12-byte buffer; MSG_PEEK leaves the message queued.
+    let n = unsafe {
+        libc::recv(
+            sock,
+            hdr.as_mut_ptr().cast(),
+            hdr.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n == 12 {
+        let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+        crate::log(&format!(
+            "{name}: message {} (flags {:#x}, {} bytes)",
+            word(0),
+            word(4),
+            word(8)
+        ));
+    }
+}
 
 /// If the next message on `sock` is SET_BACKEND_REQ_FD, returns a duplicate of its fd
 /// (taken with MSG_PEEK, so the `vhost` crate still reads the message and its own copy).
@@ -803,8 +848,7 @@ fn after_quiesce(id: u64, next: Next) {
                 }
                 h.conn = None;
                 h.config_chan = None;
-                h.lock().reset();
-                h.lock().inflight = None;
+                h.lock().end_session();
             }
         }
         Next::ConfigChanged => {

@@ -116,8 +116,9 @@ impl GuestMem {
     fn build(mut regions: Vec<Mapped>) -> Result<Arc<Self>, String> {
         // vm-memory wants its regions in guest-address order.
         regions.sort_by_key(|m| m.addrs.gpa);
-        let mem = GuestMemoryMmap::from_arc_regions(regions.iter().map(|m| m.mmap.clone()).collect())
-            .map_err(|e| format!("memory table: {e}"))?;
+        let mem =
+            GuestMemoryMmap::from_arc_regions(regions.iter().map(|m| m.mmap.clone()).collect())
+                .map_err(|e| format!("memory table: {e}"))?;
         Ok(Arc::new(GuestMem { mem, regions }))
     }
 

@@ -786,3 +786,41 @@ fn thin_bdev_resize_notifies_the_frontend() {
     drop(fe);
     delete_when_idle("vthin.0");
 }
+
+/// RESET_DEVICE (a guest resetting its virtio device) stops and forgets the rings but keeps
+/// the memory table: QEMU sets the rings up again without resending memory it already added.
+#[test]
+fn reset_device_keeps_the_memory_table() {
+    init();
+    malloc("VhMallocReset", 1024, 4096);
+    let path = controller("vreset.0", "VhMallocReset", false);
+    let mut fe = Fe::connect_with(
+        &path,
+        Mem::new(),
+        None,
+        0,
+        VhostUserProtocolFeatures::RESET_DEVICE,
+        false,
+    );
+    let data = pattern(4096, 41);
+    assert_eq!(fe.request(T_OUT, 24, &data, false).0, S_OK);
+    assert_eq!(fe.fe.get_vring_base(0).unwrap(), 1);
+    fe.fe.reset_device().expect("RESET_DEVICE");
+    // A request published now is not taken: the ring is reset, not running.
+    fe.mem.put(AVAIL, &[0u8; 6 + 2 * QSIZE as usize]);
+    fe.mem.put(USED, &[0u8; 6 + 8 * QSIZE as usize]);
+    (fe.avail_idx, fe.used_seen) = (0, 0);
+    fe.desc(0, HDR, 16, 1, 1);
+    fe.desc(1, STATUS, 1, 2, 0);
+    fe.publish(0);
+    assert!(fe.wait_used(Duration::from_millis(300)).is_none());
+    (fe.avail_idx, fe.used_seen) = (0, 0);
+    fe.mem.put(AVAIL, &[0u8; 6 + 2 * QSIZE as usize]);
+    // The guest driver starts over: features, rings from index 0; no memory table sent.
+    let f = fe.fe.get_features().unwrap();
+    fe.fe.set_features(f & !(1 << 29)).unwrap();
+    fe.start_queue_at(0, DESC, AVAIL, USED, 0);
+    assert_eq!(fe.read(24, 4096), (S_OK, data));
+    drop(fe);
+    delete_when_idle("vreset.0");
+}
