@@ -142,8 +142,13 @@ impl IoQueue {
         });
         q.issue_q.push_back(idx);
         q.pump();
-        if let Some(qp) = q.qpair.as_mut() {
-            qp.kick();
+        // Poll mode: the queue's poller runs every tick and sends the batch then. Interrupt
+        // mode: a submission from a message or timer comes after this tick's pollers, and
+        // the reactor may sleep next, so send now.
+        if reactor::is_interrupt_mode() {
+            if let Some(qp) = q.qpair.as_mut() {
+                qp.kick();
+            }
         }
     }
 }
@@ -239,7 +244,8 @@ impl IoQ {
         if self.events.is_empty() {
             return false;
         }
-        for ev in std::mem::take(&mut self.events) {
+        let mut events = std::mem::take(&mut self.events);
+        for ev in events.drain(..) {
             match ev {
                 Event::Connected { .. } => self.failed_gen = None,
                 Event::Failed(e) => {
@@ -265,6 +271,7 @@ impl IoQ {
                 }
             }
         }
+        self.events = events;
         true
     }
 

@@ -180,8 +180,11 @@ pub struct Qpair {
     opts: QpairOpts,
     state: QpairState,
     sock: TcpStream,
+    /// Receive buffer: bytes `rstart..rend` are received and not yet consumed. Allocated
+    /// (and zeroed) once; grows only for a PDU larger than it.
     rbuf: Vec<u8>,
     rstart: usize,
+    rend: usize,
     wbuf: Vec<u8>,
     wpos: usize,
     lim: HostRecvLimits,
@@ -227,8 +230,9 @@ impl Qpair {
             opts,
             state: QpairState::TcpConnecting,
             sock,
-            rbuf: Vec::new(),
+            rbuf: vec![0; 2 * RECV_CHUNK],
             rstart: 0,
+            rend: 0,
             wbuf: Vec::new(),
             wpos: 0,
             cmds: Slab::with_capacity(depth),
@@ -400,14 +404,14 @@ impl Qpair {
         }
         self.wbuf.clear();
         self.wpos = 0;
-        self.rbuf.clear();
         self.rstart = 0;
+        self.rend = 0;
         self.events.push(Event::Failed(err));
     }
 
     fn fatal(&mut self, f: Fatal, what: &str) {
         // Tell the target why (best effort), then drop the connection.
-        let hdr_end = (self.rstart + 128).min(self.rbuf.len());
+        let hdr_end = (self.rstart + 128).min(self.rend);
         let hdr = self.rbuf.get(self.rstart..hdr_end).unwrap_or(&[]).to_vec();
         let mut term = Vec::new();
         pdu::push_h2c_term_req(&mut term, f, &hdr);
@@ -428,16 +432,10 @@ impl Qpair {
             if self.state == QpairState::Failed {
                 return true;
             }
-            if self.rstart > 0 {
-                self.rbuf.drain(..self.rstart);
-                self.rstart = 0;
-            }
-            let old = self.rbuf.len();
-            self.rbuf.resize(old + RECV_CHUNK, 0);
-            let r = self.sock.read(&mut self.rbuf[old..]);
+            self.make_room();
+            let r = self.sock.read(&mut self.rbuf[self.rend..]);
             match r {
                 Ok(0) => {
-                    self.rbuf.truncate(old);
                     self.fail(HostError::new(
                         libc::ECONNRESET,
                         format!(
@@ -448,23 +446,19 @@ impl Qpair {
                     return true;
                 }
                 Ok(n) => {
-                    self.rbuf.truncate(old + n);
+                    self.rend += n;
                     busy = true;
                     if let Err((f, what)) = self.process_input() {
                         self.fatal(f, &what);
                         return true;
                     }
-                    if n < RECV_CHUNK {
+                    if self.rend < self.rbuf.len() {
                         break;
                     }
                 }
-                Err(e) if e.kind() == IoKind::WouldBlock => {
-                    self.rbuf.truncate(old);
-                    break;
-                }
-                Err(e) if e.kind() == IoKind::Interrupted => self.rbuf.truncate(old),
+                Err(e) if e.kind() == IoKind::WouldBlock => break,
+                Err(e) if e.kind() == IoKind::Interrupted => {}
                 Err(e) => {
-                    self.rbuf.truncate(old);
                     self.fail(HostError::from_io(
                         format!("recv from {}", self.opts.addr),
                         e,
@@ -476,6 +470,24 @@ impl Qpair {
         busy
     }
 
+    /// Ensures at least `RECV_CHUNK` free bytes after `rend`: moves unconsumed bytes to the
+    /// front, grows the buffer only when a partial PDU fills it.
+    fn make_room(&mut self) {
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        }
+        if self.rbuf.len() - self.rend >= RECV_CHUNK {
+            return;
+        }
+        self.rbuf.copy_within(self.rstart..self.rend, 0);
+        self.rend -= self.rstart;
+        self.rstart = 0;
+        if self.rbuf.len() - self.rend < RECV_CHUNK {
+            self.rbuf.resize(self.rend + RECV_CHUNK, 0);
+        }
+    }
+
     fn process_input(&mut self) -> Result<(), (Fatal, String)> {
         let rbuf = std::mem::take(&mut self.rbuf);
         let mut start = self.rstart;
@@ -483,7 +495,7 @@ impl Qpair {
             if self.state == QpairState::Failed {
                 break Ok(());
             }
-            let avail = rbuf.get(start..).unwrap_or(&[]);
+            let avail = rbuf.get(start..self.rend).unwrap_or(&[]);
             let Some(ch) = pdu::Ch::parse(avail) else {
                 break Ok(());
             };
@@ -504,6 +516,10 @@ impl Qpair {
             start += plen;
         };
         self.rbuf = rbuf;
+        if self.state == QpairState::Failed {
+            // fail() already dropped the input.
+            return result.map_err(|(f, what, _)| (f, what));
+        }
         self.rstart = start;
         result.map_err(|(f, what, at)| {
             self.rstart = at;
