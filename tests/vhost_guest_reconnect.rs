@@ -8,7 +8,8 @@
 //! option `reconnect-ms`; `reconnect=` seconds is gone in QEMU 10). The guest and the test
 //! meet through a 9p share: the guest writes `ready` once its data is flushed and it is idle,
 //! the test kills and restarts thind and writes `go`, then the guest checks the data written
-//! before the crash and runs a verified random-write job on both queues.
+//! before the crash, runs a verified random-write job on both queues, and resets the device
+//! (driver unbind + bind: the rings are stopped and set up again on the new connection).
 //!
 //! Needs QEMU and `../shared/guest/guest-run`; under `CI=true` their absence fails the test.
 
@@ -57,6 +58,15 @@ fio --name=after --filename=/dev/vda --ioengine=libaio --direct=1 --iodepth=16 \
     --cpus_allowed_policy=split --cpus_allowed=0-1 --verify=crc32c --verify_fatal=1 --group_reporting \
     --output-format=terse --terse-version=3 > /tmp/fio2.out
 awk -F';' '$3 != "" {printf "fio %s: write %s KiB/s, errors=%s\n", $3, $48, $5}' /tmp/fio2.out
+# A device reset, as a guest reboot does it: the driver lets go (QEMU stops the rings with
+# GET_VRING_BASE) and binds again (QEMU sets them up afresh on the same connection).
+DEV=$(basename "$(readlink -f /sys/block/vda/device)")
+echo "$DEV" > /sys/bus/virtio/drivers/virtio_blk/unbind
+echo "$DEV" > /sys/bus/virtio/drivers/virtio_blk/bind
+for i in $(seq 1 100); do [ -b /dev/vda ] && break; sleep 0.1; done
+[ -b /dev/vda ] || { echo "no /dev/vda after rebind"; ls /sys/block; exit 1; }
+job --verify_only
+echo "guest: device reset ($DEV unbound and bound again), data verified"
 echo "GUEST-RECONNECT: PASS"
 "#;
 
