@@ -2,11 +2,14 @@
 //! the number of mappings changed since the previous commit, and the metadata blocks each
 //! commit writes.
 //!
-//! For each count N (default 0, 1, 100, 10000, 100000) and each sample: provision N data
-//! blocks of a thin bdev (one 4 KiB write each, QD 64), flush (measured: submission to
-//! completion), then unmap the N blocks and flush again (not measured), so every sample starts
-//! from a clean pool with the same number of mappings. N = 0 measures a flush with nothing
-//! dirty, which must write no metadata block.
+//! The thin bdev first gets `--base` mappings (default 262144, at the even thin blocks), so the
+//! mapping tree has a realistic size. Then, for each count N (default 0, 1, 100, 10000,
+//! 100000) and each sample: provision N more data blocks (one 4 KiB write each, QD 64), flush
+//! (measured: submission to completion), then unmap the N blocks and flush again (not
+//! measured), so every sample starts from a clean pool with the same mappings. Sequential
+//! placement puts the N blocks after the base range (they fill fresh leaves); random placement
+//! scatters them over the odd blocks between the base mappings (each touches some leaf of the
+//! base tree). N = 0 measures a flush with nothing dirty, which must write no metadata block.
 //!
 //! The data bdev is a null bdev (data contents do not matter for the commit; the pool reads
 //! none). The metadata bdev is a 256 MiB malloc bdev, or a uring bdev on `--meta-file` (a
@@ -14,7 +17,8 @@
 //!
 //! ```text
 //! cargo run --release -p bdev --example thin_commit -- [--counts 0,1,100,10000,100000]
-//!     [--samples N] [--placement seq|rand] [--meta-file PATH] [--core C] [--interrupt]
+//!     [--samples N] [--base N] [--placement seq|rand] [--meta-file PATH] [--core C]
+//!     [--interrupt]
 //! ```
 //!
 //! Prints a table and one JSON line per count:
@@ -36,12 +40,11 @@ type AnyResult<T> = Result<T, Box<dyn Error>>;
 const BPD: u64 = 16;
 /// I/Os in flight while provisioning and unmapping.
 const QD: usize = 64;
-/// Virtual blocks per changed mapping with `--placement rand` (a power of two).
-const SPREAD: u64 = 16;
 
 struct Args {
     counts: Vec<u64>,
     samples: Option<usize>,
+    base: u64,
     random: bool,
     meta_file: Option<String>,
     core: Option<usize>,
@@ -52,6 +55,7 @@ fn parse_args() -> AnyResult<Args> {
     let mut a = Args {
         counts: vec![0, 1, 100, 10_000, 100_000],
         samples: None,
+        base: 1 << 18,
         random: false,
         meta_file: None,
         core: None,
@@ -69,6 +73,7 @@ fn parse_args() -> AnyResult<Args> {
                     .map_err(|e| format!("--counts: {e}"))?
             }
             "--samples" => a.samples = Some(value()?.parse()?),
+            "--base" => a.base = value()?.parse()?,
             "--placement" => {
                 a.random = match value()?.as_str() {
                     "seq" => false,
@@ -167,24 +172,40 @@ fn run_ios(rt: &RuntimeHandle, desc: &Arc<BdevDesc>, op: Op, offsets: Vec<u64>) 
         .expect("I/O batch did not finish in 10 minutes")
 }
 
-/// Thin blocks (4 KiB units) of the first 4 KiB of each of `n` distinct data blocks.
-fn offsets(n: u64, max: u64, random: bool, sample: u64) -> Vec<u64> {
-    if !random {
-        return (0..n).map(|i| i * BPD).collect();
-    }
-    // An odd multiplier modulo a power of two is a bijection: distinct blocks, scattered.
-    let range = (max * SPREAD).next_power_of_two();
-    let start = sample.wrapping_mul(0x9E37_79B9) % range;
-    (0..n)
-        .map(|i| {
-            (i.wrapping_mul(0x9E37_79B9_7F4A_7C15 | 1)
-                .wrapping_add(start)
-                % range)
-                * BPD
-        })
-        .collect()
+/// Where the changed blocks go: the base mappings are at the even data blocks below
+/// `2 * span`.
+struct Layout {
+    base: u64,
+    /// A power of two, at least `base` and the largest count.
+    span: u64,
+    random: bool,
 }
 
+impl Layout {
+    /// Thin blocks (4 KiB units) of the first 4 KiB of each of `n` distinct data blocks.
+    fn offsets(&self, n: u64, sample: u64) -> Vec<u64> {
+        if !self.random {
+            return (0..n).map(|i| (2 * self.span + i) * BPD).collect();
+        }
+        // An odd multiplier modulo a power of two is a bijection: distinct blocks, scattered.
+        let start = sample.wrapping_mul(0x9E37_79B9) % self.span;
+        (0..n)
+            .map(|i| {
+                let j = i.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(start) % self.span;
+                (2 * j + 1) * BPD
+            })
+            .collect()
+    }
+
+    fn base_offsets(&self) -> Vec<u64> {
+        (0..self.base).map(|j| 2 * j * BPD).collect()
+    }
+
+    /// Data blocks the thin bdev spans.
+    fn virtual_blocks(&self, max: u64) -> u64 {
+        2 * self.span + max
+    }
+}
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[i - 1]
@@ -202,7 +223,12 @@ fn main() -> AnyResult<()> {
     let h = rt.handle();
     thin::set_runtime(h.clone());
 
-    let data_blocks = (max + 1024) * BPD;
+    let layout = Layout {
+        base: a.base,
+        span: a.base.max(max).next_power_of_two(),
+        random: a.random,
+    };
+    let data_blocks = (a.base + max + 1024) * BPD;
     null::create(null::NullOpts {
         name: "tc_data".into(),
         num_blocks: data_blocks,
@@ -242,13 +268,22 @@ fn main() -> AnyResult<()> {
     po.zero_new_blocks = false;
     po.discard_passdown = false;
     thin::create_pool_blocking(po)?;
-    let virt = (max * SPREAD).next_power_of_two() * BPD * 4096;
+    let virt = layout.virtual_blocks(max) * BPD * 4096;
     thin::create_thin_blocking("tc_pool", "tc_thin", virt, 4096, None)?;
     let desc = Arc::new(BdevDesc::open("tc_thin", true, |_| {})?);
+    let t0 = Instant::now();
+    if run_ios(&h, &desc, Op::Write, layout.base_offsets()) + run_ios(&h, &desc, Op::Flush, vec![0])
+        > 0
+    {
+        return Err("provisioning the base mappings failed".into());
+    }
+    let base_secs = t0.elapsed().as_secs_f64();
 
     println!(
-        "# thin_commit: metadata on {}, {} placement, reactor on core {core}{}",
+        "# thin_commit: metadata on {}, {} base mappings ({base_secs:.1} s), {} placement, \
+         reactor on core {core}{}",
         a.meta_file.as_deref().unwrap_or("malloc"),
+        a.base,
         if a.random { "random" } else { "sequential" },
         if a.interrupt { " (interrupt mode)" } else { "" }
     );
@@ -261,7 +296,7 @@ fn main() -> AnyResult<()> {
         let mut lat = Vec::with_capacity(samples);
         let mut meta_writes = 0u64;
         for s in 0..samples {
-            let offs = offsets(n, max, a.random, s as u64);
+            let offs = layout.offsets(n, s as u64);
             let failed = run_ios(&h, &desc, Op::Write, offs.clone());
             if failed > 0 {
                 return Err(format!("{failed} of {n} provisioning writes failed").into());
