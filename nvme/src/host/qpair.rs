@@ -841,3 +841,6 @@ impl Drop for Qpair {
 }
 
 type PduResult = Result<(), (Fatal, String)>;
+
+#[cfg(test)]
+mod tests;
