@@ -12,6 +12,7 @@
 
 mod log;
 mod methods;
+mod nvme_methods;
 mod nvmf_methods;
 mod vhost_methods;
 
@@ -159,6 +160,7 @@ fn run(args: Args) -> Result<(), String> {
     let handle = runtime.handle();
     methods::register_framework(&registry, handle.clone());
     bdev::thin::set_runtime(handle.clone());
+    nvme_methods::register_nvme(&registry, handle.clone());
     nvmf_methods::register_nvmf(&registry, &subsystems_for_nvmf, handle.clone());
     vhost_methods::register_vhost(&registry, handle.clone());
 
@@ -219,8 +221,16 @@ fn shutdown(runtime: &Runtime) {
         let _ = handle.call(ReactorId::new(0), || {
             RPC_SERVER.with(|s| s.borrow_mut().take());
         });
+        // Exports first (no new I/O), then the pools' final commits, then the remote
+        // controllers a pool may sit on, then the base modules.
         nvmf::shutdown();
         vhost::shutdown();
+        for pool in bdev::thin::pool_names() {
+            if let Err(e) = bdev::thin::delete_pool_blocking(&pool) {
+                log!(Warn, "closing thin pool '{pool}' at shutdown: {e}");
+            }
+        }
+        nvme::shutdown();
         bdev::fini_modules();
     }
     handle.stop();

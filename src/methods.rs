@@ -21,7 +21,7 @@ pub const NOTIFY_TYPES: &[&str] = &[
 
 /// Converts a bdev-layer error into SPDK's JSON-RPC error: parameter decoding failures are
 /// `-32602`, everything else `-errno` with the layer's message.
-fn bdev_error(e: &bdev::BdevError) -> RpcError {
+pub(crate) fn bdev_error(e: &bdev::BdevError) -> RpcError {
     if e.kind() == bdev::ErrorKind::InvalidParams {
         RpcError::invalid_params(e.to_string())
     } else {
@@ -88,7 +88,9 @@ pub fn register_framework(registry: &Registry, runtime: RuntimeHandle) {
 /// Registers the subsystems in dependency order with their config writers.
 pub fn register_subsystems(subsystems: &Subsystems) {
     subsystems.register("bdev", &[], || {
-        let mut cfg = bdev::registry().config_json();
+        // Remote controllers first: their namespaces may be a pool's data or metadata bdev.
+        let mut cfg = nvme::config_json();
+        cfg.extend(bdev::registry().config_json());
         cfg.push(json!({ "method": "bdev_wait_for_examine" }));
         cfg
     });

@@ -64,6 +64,8 @@ pub fn run(opts: &Options) -> Result<RunOutput, String> {
     let handle = runtime.handle();
     signal::install();
     let result = run_on(opts, &handle, calls, clock);
+    // Close remote controllers (their sockets) while the reactors still run.
+    nvme::shutdown();
     handle.stop();
     let joined = runtime.join();
     let output = result?;
@@ -101,9 +103,10 @@ fn run_on(
     Ok(build_report(opts, &plan, outcomes, clock))
 }
 
-/// Runs each config call through the bdev crate's RPC handler of the same name: the base-bdev
-/// methods on the first reactor, the thin pool methods (which answer asynchronously and need
-/// the reactors to do metadata I/O) from this thread, waiting for each answer.
+/// Runs each config call through the RPC handler of the same name: the base-bdev methods on
+/// the first reactor; the thin pool methods and the NVMe/TCP initiator's
+/// (`bdev_nvme_attach_controller`, …), which answer asynchronously and need the reactors to do
+/// their I/O, from this thread, waiting for each answer.
 ///
 /// Only the `bdev` subsystem is loaded: bdevperf has no NVMe-oF or vhost targets, so the
 /// entries of other subsystems (as in a config saved from `thind`) are skipped with a note.
@@ -111,7 +114,9 @@ fn apply_config(handle: &RuntimeHandle, calls: Vec<ConfigCall>) -> Result<(), St
     let reactor0 = *handle.reactor_ids().first().ok_or("no reactor started")?;
     bdev::thin::set_runtime(handle.clone());
     let methods = bdev::rpc_methods();
-    let thin_methods = bdev::thin::rpc::rpc_methods();
+    nvme::set_runtime(handle.clone());
+    let mut thin_methods = bdev::thin::rpc::rpc_methods();
+    thin_methods.extend(nvme::rpc_methods());
     let mut skipped: Vec<String> = Vec::new();
     for call in calls {
         if call.subsystem != "bdev" {
