@@ -3,7 +3,6 @@
 //! registry, so they are announced, listed and usable like any other bdev (a thin pool's data
 //! device included); the controllers are saved in the "bdev" subsystem before every bdev.
 
-
 use reactor::RuntimeHandle;
 use rpc::{Registry, StateMask};
 use serde_json::Value;
