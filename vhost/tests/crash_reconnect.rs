@@ -72,8 +72,12 @@ fn backend_child(dir: PathBuf) {
                 writeln!(out, "HELD").unwrap();
                 out.flush().unwrap();
             }
-            Ok("release") => {
-                // Held completions stay held; new ones complete at once.
+            Ok(cmd) if cmd.starts_with("release ") => {
+                // Once the base bdev has finished N I/Os (so every held completion is in the
+                // fault bdev's queue, not still on its way), new completions go through at
+                // once; the held ones stay held.
+                let n: u64 = cmd["release ".len()..].parse().expect("count");
+                wait_base_ops(n);
                 fault.config().delay_polls.store(0, Ordering::Relaxed);
                 writeln!(out, "RELEASED").unwrap();
                 out.flush().unwrap();
@@ -81,6 +85,29 @@ fn backend_child(dir: PathBuf) {
             Ok(other) => panic!("backend child: unknown command {other:?}"),
             Err(_) => break,
         }
+    }
+}
+
+/// Waits until the base bdev has completed `n` reads and writes.
+fn wait_base_ops(n: u64) {
+    let (_, iostat) = bdev::rpc_methods()
+        .into_iter()
+        .find(|(m, _)| *m == "bdev_get_iostat")
+        .expect("bdev_get_iostat");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = iostat(serde_json::json!({"name": "CrashBase"})).expect("iostat");
+        let b = &v["bdevs"][0];
+        let ops =
+            b["num_read_ops"].as_u64().unwrap_or(0) + b["num_write_ops"].as_u64().unwrap_or(0);
+        if ops >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "base bdev did {ops} of {n} I/Os: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -253,7 +280,8 @@ fn in_flight_requests_survive_a_backend_crash() {
         assert!(Instant::now() < deadline, "backend never took the requests");
         std::thread::sleep(Duration::from_millis(2));
     }
-    a.command("release", "RELEASED");
+    // Session 1 did three I/Os before these.
+    a.command(&format!("release {}", 3 + held.len()), "RELEASED");
     let completed = [req(8, true, 66 * 8, 12), req(10, true, 65 * 8, 11)];
     let mut before_crash = Vec::new();
     for r in &completed {

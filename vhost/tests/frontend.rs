@@ -7,6 +7,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::json;
@@ -823,4 +824,107 @@ fn reset_device_keeps_the_memory_table() {
     assert_eq!(fe.read(24, 4096), (S_OK, data));
     drop(fe);
     delete_when_idle("vreset.0");
+}
+
+/// The frontend disconnects while requests are in flight (their bdev I/O held back): the
+/// backend completes them before it lets the session go, and a frontend reconnecting with the
+/// same memory and in-flight area at base = used->idx (as QEMU resumes) gets every request,
+/// including one published while disconnected, completed exactly once.
+#[test]
+fn frontend_disconnect_mid_flight_then_reconnect() {
+    init();
+    malloc("VhMallocDiscBase", 1024, 4096);
+    let fault = bdev::testing::fault::create("VhDisc", "VhMallocDiscBase").expect("fault bdev");
+    let path = controller("vdisc.0", "VhDisc", false);
+    let (mut fe, area, area_file) = Fe::connect_new_inflight(&path, Mem::new(), 0);
+    assert_eq!(fe.request(T_OUT, 0, &[1u8; 4096], false).0, S_OK);
+    // SAFETY: mapping the in-flight memfd read-only (its size is in `area`); checked against
+    // MAP_FAILED and unmapped at the end.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            area.mmap_size as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            area_file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    // SAFETY: `map` covers `mmap_size` bytes until the munmap below; we only read bytes.
+    let shared = unsafe { std::slice::from_raw_parts(map.cast::<u8>(), area.mmap_size as usize) };
+    let flag = |head: u16| shared[16 + 16 * usize::from(head)];
+
+    // A write on chain head h: header, 4 KiB of pattern h at block h, status.
+    let lay_out = |fe: &Fe, h: u16| {
+        let hdr_gpa = HDR + 16 * u64::from(h);
+        let buf = DATA + 0x1000 * u64::from(h);
+        let hdr = [T_OUT.to_le_bytes(), [0; 4]].concat();
+        fe.mem.put(hdr_gpa, &hdr);
+        fe.mem.put(hdr_gpa + 8, &(u64::from(h) * 8).to_le_bytes());
+        fe.mem.put(buf, &pattern(4096, h as u8));
+        fe.mem.put(STATUS + u64::from(h), &[0xff]);
+        fe.desc(h, hdr_gpa, 16, 1, h + 1);
+        fe.desc(h + 1, buf, 4096, 1, h + 2);
+        fe.desc(h + 2, STATUS + u64::from(h), 1, 2, 0);
+    };
+    fault.config().delay_polls.store(300_000, Ordering::Relaxed);
+    let held = [0u16, 3, 6, 9];
+    for h in held {
+        lay_out(&fe, h);
+        fe.publish(h);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !held.iter().all(|h| flag(*h) == 1) {
+        assert!(std::time::Instant::now() < deadline, "requests taken");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if fe.mem.u16_at(USED + 2) != 1 {
+        eprintln!("note: the held writes finished before the frontend disconnected");
+    }
+    let Fe { fe: conn, mem, .. } = fe;
+    drop(conn);
+    fault.config().delay_polls.store(0, Ordering::Relaxed);
+    // The new session is answered only once the old one is gone, and that waits for the held
+    // requests: they are on the used ring by the time the handshake returns.
+    let mut conn = handshake(&path, VhostUserProtocolFeatures::INFLIGHT_SHMFD, false);
+    conn.set_inflight_fd(&area, area_file.as_raw_fd())
+        .expect("SET_INFLIGHT_FD");
+    let fe = Fe::detached(mem);
+    let base = fe.mem.u16_at(USED + 2);
+    assert_eq!(
+        base, 5,
+        "the held requests completed before the session ended"
+    );
+    assert!(held.iter().all(|h| flag(*h) == 0), "none left in flight");
+    // The driver adds a request (head 12 at avail index 5) while no ring runs.
+    lay_out(&fe, 12);
+    fe.mem.put(AVAIL + 4 + 2 * 5, &12u16.to_le_bytes());
+    fe.mem.put(AVAIL + 2, &6u16.to_le_bytes());
+    let mut fe = Fe::finish_connect(conn, fe.mem, base);
+    fe.avail_idx = 6;
+    let mut seen = Vec::new();
+    for k in 1..5u64 {
+        let e = fe.mem.slice(USED + 4 + 8 * k, 8);
+        seen.push(u16::from_le_bytes([e[0], e[1]]));
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, held, "each held request completed once");
+    let (id, _) = fe
+        .wait_used(Duration::from_secs(10))
+        .expect("the request published between the sessions completes");
+    assert_eq!(id, 12);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(fe.mem.u16_at(USED + 2), 6, "nothing completed twice");
+    for h in [0u16, 3, 6, 9, 12] {
+        assert_eq!(fe.mem.slice(STATUS + u64::from(h), 1)[0], S_OK);
+        assert_eq!(
+            fe.read(u64::from(h) * 8, 4096),
+            (S_OK, pattern(4096, h as u8))
+        );
+    }
+    // SAFETY: unmapping what we mapped above; `shared` is not used after this.
+    unsafe { libc::munmap(map, area.mmap_size as usize) };
+    drop(fe);
+    delete_when_idle("vdisc.0");
 }

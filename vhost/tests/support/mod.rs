@@ -257,7 +257,24 @@ impl Fe {
         (Fe::finish_connect(fe, mem, base), area, file)
     }
 
-    fn finish_connect(fe: Frontend, mem: Mem, base: u16) -> Fe {
+    /// A frontend with no session (the backend is gone or not yet reconnected), for laying
+    /// out requests in `mem`; its `fe` is an unconnected placeholder.
+    pub fn detached(mem: Mem) -> Fe {
+        let (a, _b) = UnixStream::pair().unwrap();
+        Fe {
+            fe: Frontend::from_stream(a, 16),
+            mem,
+            kick: EventFd::new(0).unwrap(),
+            _call: EventFd::new(0).unwrap(),
+            avail_idx: 0,
+            used_seen: 0,
+            off: 0,
+            more_kicks: Vec::new(),
+        }
+    }
+
+    /// Completes a session opened with [`handshake`]: memory table, queue 0 started at `base`.
+    pub fn finish_connect(fe: Frontend, mem: Mem, base: u16) -> Fe {
         fe.set_mem_table(&[mem.region()]).unwrap();
         let kick = EventFd::new(0).unwrap();
         let call = EventFd::new(0).unwrap();
