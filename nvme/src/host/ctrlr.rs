@@ -683,7 +683,7 @@ fn identify_ctrlr(a: &Rc<RefCell<Admin>>) {
                 }
                 info.max_xfer = max_xfer;
                 info.io_in_capsule = if ioccsz >= 4 && icdoff == 0 {
-                    (ioccsz * 16).saturating_sub(64)
+                    ioccsz.saturating_mul(16).saturating_sub(64)
                 } else {
                     0
                 };
