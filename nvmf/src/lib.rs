@@ -4,9 +4,11 @@
 //! listeners) is control-path state behind a mutex, changed by the `nvmf_*` RPCs
 //! ([`rpc_methods`]). Listening sockets are polled by acceptor pollers on reactor 0;
 //! every accepted connection becomes a [`tcp::qpair::Qpair`] owned by one reactor
-//! (round-robin over the reactors), polled by its own poller, with bdev I/O submitted on
-//! that reactor's channel. A controller ([`ctrlr::Ctrlr`]) is shared by its admin and I/O
-//! qpairs; teardown is a flag plus a wake-up message to each qpair's reactor.
+//! (round-robin over the reactors), polled by that reactor's poll group
+//! ([`tcp::group`]: one poller for all its qpairs), with bdev I/O submitted on that
+//! reactor's channel. A controller ([`ctrlr::Ctrlr`]) is shared by its admin and I/O
+//! qpairs; teardown (keep-alive expiry, host removal, listener removal, subsystem
+//! deletion) is a flag plus a wake-up message to each affected qpair's reactor.
 
 pub mod ctrlr;
 mod ctrlr_bdev;

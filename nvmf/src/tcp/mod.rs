@@ -6,6 +6,7 @@
 //! owning reactor) and a per-reactor one ([`LOCAL`]: the qpair objects themselves, for
 //! messages that must reach one qpair, such as an Abort aimed at another queue).
 
+pub mod group;
 pub mod listener;
 pub mod pdu;
 pub mod qpair;

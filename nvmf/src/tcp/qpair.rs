@@ -2,9 +2,14 @@
 //! (ICReq, CapsuleCmd, H2CData), the per-command table, and the send path (CapsuleResp,
 //! C2HData, R2T, C2HTermReq).
 //!
-//! The socket is non-blocking and polled by the qpair's own poller; in interrupt mode,
-//! before the poller goes idle it arms a one-shot io_uring `PollAdd` for readability (and
-//! writability while output is queued), so socket readiness wakes the reactor. Commands
+//! The socket is non-blocking and polled by its reactor's poll group ([`super::group`]).
+//! A qpair with nothing to do arms a one-shot io_uring `PollAdd` for readability (and
+//! writability while output is queued): in interrupt mode at once, so socket readiness
+//! wakes the reactor; in polling mode once it has been idle for
+//! [`IDLE_POLLS_BEFORE_ARMING`] polls. A qpair idle that long is not read while its
+//! readability poll is armed (nothing arrived since), so idle connections cost no `read`
+//! per tick; a busy one is read on every poll, without waiting a tick for the poll's
+//! completion to be reaped. Commands
 //! complete out of order. The qpair lives until its socket is closed *and* no bdev I/O is
 //! in flight (a bdev channel must outlive its I/O).
 
@@ -36,6 +41,8 @@ const MAX_READS_PER_POLL: usize = 8;
 const MAX_QUEUED_OUTPUT: usize = 8 * 1024 * 1024;
 /// Extra command slots beyond SQSIZE+1 (parked AERs on the admin queue).
 const EXTRA_SLOTS: usize = 8;
+/// Consecutive idle polls after which a qpair waits for readiness instead of reading.
+const IDLE_POLLS_BEFORE_ARMING: u32 = 256;
 
 /// Connection states (STYLE rule 16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +54,7 @@ pub enum QpairState {
     /// Fatal error, host disconnect, controller teardown or shutdown: read nothing more,
     /// flush queued output, wait for in-flight bdev I/O, then close.
     Closing,
-    /// Socket closed and poller unregistered.
+    /// Socket closed; its poll group drops it.
     Closed,
 }
 
@@ -161,8 +168,9 @@ pub struct Qpair {
     ns_gen: u64,
     pub(crate) cb: Option<IoCallback>,
     weak: Weak<RefCell<Qpair>>,
-    poller: Option<PollerHandle>,
     pub(crate) ka_poller: Option<PollerHandle>,
+    /// Consecutive polls that found nothing to do.
+    idle_polls: u32,
     armed_in: Rc<Cell<bool>>,
     armed_out: Rc<Cell<bool>>,
     /// Parked AER slots (admin queue).
@@ -224,8 +232,8 @@ impl Qpair {
             ns_gen: 0,
             cb: None,
             weak: Weak::new(),
-            poller: None,
             ka_poller: None,
+            idle_polls: 0,
             armed_in: Rc::new(Cell::new(false)),
             armed_out: Rc::new(Cell::new(false)),
             aers: Vec::new(),
@@ -245,14 +253,12 @@ impl Qpair {
                 q.borrow_mut().on_bdev_done(done);
             }
         });
-        let poll_ref = q.clone();
-        let handle = reactor::register_poller(&format!("nvmf_qpair:{id}"), move || {
-            poll_ref.borrow_mut().poll()
-        });
-        let mut g = q.borrow_mut();
-        g.weak = weak;
-        g.cb = Some(cb);
-        g.poller = Some(handle);
+        {
+            let mut g = q.borrow_mut();
+            g.weak = weak;
+            g.cb = Some(cb);
+        }
+        super::group::add(q);
         trace!("qpair {id}: accepted from {peer} on {local}");
     }
 
@@ -262,7 +268,10 @@ impl Qpair {
             return PollStatus::Idle;
         }
         let mut busy = self.check_signals();
-        if self.state != QpairState::Closing && self.wbuf.len() < MAX_QUEUED_OUTPUT {
+        // An armed readability poll means the socket had nothing to read since it was
+        // armed (its completion clears the flag): a long-idle qpair skips the read.
+        let dormant = self.armed_in.get() && self.idle_polls >= IDLE_POLLS_BEFORE_ARMING;
+        if self.state != QpairState::Closing && self.wbuf.len() < MAX_QUEUED_OUTPUT && !dormant {
             busy |= self.recv();
         }
         busy |= self.flush_out();
@@ -275,8 +284,13 @@ impl Qpair {
             }
             return PollStatus::from_busy(busy);
         }
-        if !busy {
-            self.arm_wakeups();
+        if busy {
+            self.idle_polls = 0;
+        } else {
+            self.idle_polls = self.idle_polls.saturating_add(1);
+            if reactor::is_interrupt_mode() || self.idle_polls >= IDLE_POLLS_BEFORE_ARMING {
+                self.arm_wakeups();
+            }
         }
         PollStatus::from_busy(busy)
     }
@@ -749,11 +763,9 @@ impl Qpair {
         moved
     }
 
-    /// Interrupt mode: arm one-shot polls so socket readiness wakes the reactor.
+    /// Arms one-shot polls so socket readiness wakes the reactor (interrupt mode) and so
+    /// an idle socket is not read until it has something.
     fn arm_wakeups(&mut self) {
-        if !reactor::is_interrupt_mode() {
-            return;
-        }
         let fd = self.sock.as_raw_fd();
         let want_out = self.wpos < self.wbuf.len();
         // While output is backed up, input is not read: waking for it would spin.
@@ -786,9 +798,6 @@ impl Qpair {
         let _ = self.flush_out();
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         self.set_state(QpairState::Closed, "closed");
-        if let Some(p) = self.poller.take() {
-            p.unregister();
-        }
         if let Some(p) = self.ka_poller.take() {
             p.unregister();
         }
@@ -799,8 +808,8 @@ impl Qpair {
             c.qpair_closed(self.qid, self.id);
         }
         super::unregister_qpair(self.id);
-        // The poller closure holds the last strong reference; unregistering drops it once
-        // this poll returns. Pending PollAdd ops hold only Cell flags.
+        // The poll group holds the last strong reference and drops it after this pass.
+        // Pending PollAdd ops hold only Cell flags.
         self.cb = None;
     }
 
