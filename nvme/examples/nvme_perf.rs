@@ -2,7 +2,10 @@
 //! queue depth for a few seconds on one reactor, once straight on a malloc bdev and once on
 //! the same bdev through our target and host over loopback; prints both IOPS and the ratio.
 //!
-//! `cargo run --release -p nvme --example nvme_perf -- [randread|randwrite] [QD] [SECONDS]`
+//! `cargo run --release -p nvme --example nvme_perf -- [randread|randwrite|verify] [QD] [SECONDS]`
+//!
+//! `verify` runs on both reactors at once over NVMe/TCP only: each of the QD slots of a
+//! reactor owns its own blocks, writes a fresh pattern, reads it back and compares.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -107,6 +110,74 @@ fn run(rt: &reactor::RuntimeHandle, bdev: &str, write: bool, qd: u64, secs: u64)
         .expect("workload finished")
 }
 
+/// Verify workload on reactor `r`: returns the number of verified write+read pairs.
+fn verify(rt: &reactor::RuntimeHandle, r: u32, bdev: &str, qd: u64, secs: u64) -> u64 {
+    let (tx, rx) = mpsc::channel();
+    let bdev = bdev.to_owned();
+    rt.send_msg(ReactorId::new(r), move || {
+        let desc = BdevDesc::open(&bdev, true, |_| {}).expect("open");
+        let ch = desc.get_io_channel().expect("channel");
+        let end = Instant::now() + Duration::from_secs(secs);
+        // Per slot: generation counter; tag = slot * 2 + (0 write, 1 read).
+        let gens = Rc::new(RefCell::new(vec![0u64; qd as usize]));
+        let done = Rc::new(Cell::new(0u64));
+        let left = Rc::new(Cell::new(qd));
+        let tx = RefCell::new(Some(tx));
+        let keep = Rc::new(RefCell::new(Some((desc, ch.clone()))));
+        let ch2 = ch.clone();
+        let cb: Rc<RefCell<Option<IoCallback>>> = Rc::new(RefCell::new(None));
+        let cb2 = cb.clone();
+        let region = NUM_BLOCKS / 2 * u64::from(r);
+        let lba_of = move |slot: u64, gen: u64| region + slot + (gen % 64) * qd;
+        let fill = move |slot: u64, gen: u64, b: &mut [u8]| {
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = (slot as u8) ^ (gen as u8).wrapping_mul(31) ^ (i as u8);
+            }
+        };
+        let f: IoCallback = Rc::new(move |d: IoDone| {
+            assert_eq!(d.status, IoStatus::Success, "verify I/O failed");
+            let slot = d.tag / 2;
+            let gen = gens.borrow()[slot as usize];
+            let mut buf = d.buf.expect("buf");
+            let cb = cb2.borrow().clone().expect("cb");
+            if d.tag % 2 == 0 {
+                ch2.read(buf, lba_of(slot, gen), 1, slot * 2 + 1, &cb)
+                    .expect("read");
+                return;
+            }
+            let mut want = vec![0u8; buf.len()];
+            fill(slot, gen, &mut want);
+            assert!(buf[..] == want[..], "slot {slot} gen {gen}: data mismatch");
+            done.set(done.get() + 1);
+            if Instant::now() < end {
+                let gen = gen + 1;
+                gens.borrow_mut()[slot as usize] = gen;
+                fill(slot, gen, &mut buf);
+                ch2.write(buf, lba_of(slot, gen), 1, slot * 2, &cb)
+                    .expect("write");
+                return;
+            }
+            left.set(left.get() - 1);
+            if left.get() == 0 {
+                if let Some(tx) = tx.borrow_mut().take() {
+                    let _ = tx.send(done.get());
+                }
+                cb2.borrow_mut().take();
+                keep.borrow_mut().take();
+            }
+        });
+        *cb.borrow_mut() = Some(f.clone());
+        for slot in 0..qd {
+            let mut buf = IoBuf::alloc(4096);
+            fill(slot, 0, &mut buf);
+            ch.write(buf, lba_of(slot, 0), 1, slot * 2, &f)
+                .expect("write");
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(secs + 30))
+        .expect("verify finished")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let write = args.get(1).is_some_and(|w| w == "randwrite");
@@ -159,6 +230,17 @@ fn main() {
         },
     );
     assert!(r.contains("Nvme0n1"), "attach: {r}");
+    if args.get(1).is_some_and(|w| w == "verify") {
+        let r0 = std::thread::scope(|sc| {
+            let a = sc.spawn(|| verify(&h, 0, "Nvme0n1", qd, secs));
+            let b = verify(&h, 1, "Nvme0n1", qd, secs);
+            (a.join().expect("reactor 0"), b)
+        });
+        println!("verify 4KiB qd {qd} x 2 reactors {secs}s over NVMe/TCP: {} + {} write/read pairs verified", r0.0, r0.1);
+        rt.stop_handle().stop();
+        let _ = rt.join();
+        return;
+    }
     let wl = if write { "randwrite" } else { "randread" };
     let local = run(&h, "Malloc0", write, qd, secs);
     let remote = run(&h, "Nvme0n1", write, qd, secs);
