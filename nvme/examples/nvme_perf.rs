@@ -140,7 +140,7 @@ fn verify(rt: &reactor::RuntimeHandle, r: u32, bdev: &str, qd: u64, secs: u64) -
             let gen = gens.borrow()[slot as usize];
             let mut buf = d.buf.expect("buf");
             let cb = cb2.borrow().clone().expect("cb");
-            if d.tag % 2 == 0 {
+            if d.tag.is_multiple_of(2) {
                 ch2.read(buf, lba_of(slot, gen), 1, slot * 2 + 1, &cb)
                     .expect("read");
                 return;
