@@ -30,20 +30,48 @@ fn main() {
         backend_child(PathBuf::from(dir));
         return;
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
     let name = "in_flight_requests_survive_a_backend_crash";
-    if args.iter().any(|a| a == "--list") {
-        println!("{name}: test");
-        return;
-    }
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+    if !selected(name) {
         println!("test result: ok. 0 passed; 0 failed; 1 filtered out");
         return;
     }
     println!("test {name} ...");
     in_flight_requests_survive_a_backend_crash();
     println!("test {name} ... ok\n\ntest result: ok. 1 passed; 0 failed");
+}
+
+/// Applies the libtest arguments cargo may pass (filters, `--exact`, `--skip`, `--ignored`,
+/// `--list`; options with a value are skipped) to the one test here.
+fn selected(name: &str) -> bool {
+    let mut args = std::env::args().skip(1);
+    let (mut filters, mut skips) = (Vec::new(), Vec::new());
+    let (mut exact, mut ignored_only) = (false, false);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--list" => {
+                println!("{name}: test");
+                std::process::exit(0);
+            }
+            "--exact" => exact = true,
+            "--ignored" => ignored_only = true,
+            "--skip" => skips.extend(args.next()),
+            "--test-threads" | "--color" | "--format" | "--logfile" | "-Z" => {
+                args.next();
+            }
+            a if a.starts_with('-') => {}
+            a => filters.push(a.to_owned()),
+        }
+    }
+    let hit = |f: &String| {
+        if exact {
+            name == f
+        } else {
+            name.contains(f.as_str())
+        }
+    };
+    !ignored_only
+        && (filters.is_empty() || filters.iter().any(hit))
+        && !skips.iter().any(|s| name.contains(s.as_str()))
 }
 
 /// The backend process: serves `CTRLR` in `dir` until its stdin closes or it is killed.
