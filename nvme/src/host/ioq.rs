@@ -191,7 +191,11 @@ impl IoQ {
             busy |= qp.poll(&mut self.events);
         }
         busy |= self.handle_events();
-        if ctrlr.fail_held_io() {
+        let connected = self
+            .qpair
+            .as_ref()
+            .is_some_and(|q| q.state() == QpairState::Ready);
+        if ctrlr.fail_held_io() && !connected {
             busy |= self.fail_held();
         }
         busy |= self.pump();
