@@ -8,8 +8,10 @@
 //! option `reconnect-ms`; `reconnect=` seconds is gone in QEMU 10). The guest and the test
 //! meet through a 9p share: the guest writes `ready` once its data is flushed and it is idle,
 //! the test kills and restarts thind and writes `go`, then the guest checks the data written
-//! before the crash, runs a verified random-write job on both queues, and resets the device
-//! (driver unbind + bind: the rings are stopped and set up again on the new connection).
+//! before the crash and runs a verified random-write job on both queues; then thind is stopped
+//! cleanly (SIGTERM, the controller closes the live session) and started again, the guest
+//! checks its data once more and resets the device (driver unbind + bind: the rings are
+//! stopped and set up again on the same connection).
 //!
 //! Needs QEMU and `../shared/guest/guest-run`; under `CI=true` their absence fails the test.
 
@@ -58,6 +60,12 @@ fio --name=after --filename=/dev/vda --ioengine=libaio --direct=1 --iodepth=16 \
     --cpus_allowed_policy=split --cpus_allowed=0-1 --verify=crc32c --verify_fatal=1 --group_reporting \
     --output-format=terse --terse-version=3 > /tmp/fio2.out
 awk -F';' '$3 != "" {printf "fio %s: write %s KiB/s, errors=%s\n", $3, $48, $5}' /tmp/fio2.out
+# Second round: thind is stopped cleanly (SIGTERM closes the session) and started again.
+: > "$SHARE/ready2"
+for i in $(seq 1 1200); do [ -e "$SHARE/go2" ] && break; sleep 0.1; done
+[ -e "$SHARE/go2" ] || { echo "host never said go2"; exit 1; }
+job --verify_only
+echo "guest: data verified after the second (SIGTERM) restart"
 # A device reset, as a guest reboot does it: the driver lets go (QEMU stops the rings with
 # GET_VRING_BASE) and binds again (QEMU sets them up afresh on the same connection).
 DEV=$(basename "$(readlink -f /sys/block/vda/device)")
@@ -295,6 +303,23 @@ fn run_once() -> Result<(), String> {
     let list = t2.rpc(&["vhost_get_controllers", "-n", "vhost.r"]);
     assert_eq!(list[0]["backend_specific"]["block"]["bdev"], "thin0");
     std::fs::write(share.join("go"), b"go").expect("go");
+
+    // Second round: a clean stop (the controller closes the live session) and a restart.
+    if let Err(st) = guest.wait_for_file(&share.join("ready2"), Duration::from_secs(200)) {
+        let (_, text) = guest.finish(Duration::from_secs(5));
+        if st.code() == Some(GUEST_TIMEOUT) {
+            return Err(text);
+        }
+        panic!("guest ended ({st}) before the second restart: {text}");
+    }
+    let mut t2 = t2;
+    assert_eq!(
+        t2.terminate(),
+        Some(0),
+        "thind stops cleanly with a guest attached"
+    );
+    let t2 = start_thind(dir, &["-S", dir_s, "--json", cfg_path.to_str().unwrap()]);
+    std::fs::write(share.join("go2"), b"go").expect("go2");
 
     let (st, text) = guest.finish(Duration::from_secs(240));
     eprintln!("--- guest ---\n{text}");
