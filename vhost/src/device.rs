@@ -11,6 +11,16 @@
 //! races the data path, GET_VRING_BASE always sees a quiesced ring, and a new memory table or
 //! feature set reaches the rings on restart.
 //!
+//! Sessions: one frontend at a time; the listener is watched only while none is connected.
+//! When the connection ends (frontend gone, or a malformed message) the rings are drained —
+//! their in-flight requests complete into guest memory — and the whole session (memory,
+//! features, rings, broken marks, in-flight area) is dropped, so the next frontend starts
+//! clean. A reconnecting QEMU hands its in-flight area back (SET_INFLIGHT_FD) and resumes at
+//! its used index; a ring resubmits the heads the area still marks, so requests taken by a
+//! backend that died are neither lost nor completed twice ([`crate::vring`]). RESET_DEVICE
+//! resets only the rings: memory, protocol features and the backend channel stay, as QEMU
+//! does not send them again.
+//!
 //! Home states ([`Phase`]): `Waiting` (a PollAdd is armed on the listener or connection),
 //! `Quiescing` (stops sent, `pending` to come back, then `next`), `Closed`.
 

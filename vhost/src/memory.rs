@@ -209,3 +209,6 @@ fn validate_region(
         uva: r.user_addr,
     })
 }
+
+#[cfg(test)]
+mod tests;
