@@ -928,3 +928,44 @@ fn frontend_disconnect_mid_flight_then_reconnect() {
     drop(fe);
     delete_when_idle("vdisc.0");
 }
+
+/// A guest resets its device several times while booting (RESET_DEVICE); a later resize must
+/// still reach the frontend, so the reset keeps the negotiated protocol features and the
+/// backend request channel.
+#[test]
+fn resize_after_reset_device_still_notifies() {
+    init();
+    bdev::null::create(bdev::null::NullOpts {
+        name: "VhNullReset".into(),
+        num_blocks: 2048,
+        block_size: 512,
+        uuid: None,
+    })
+    .expect("null bdev");
+    let path = controller("vresreset.0", "VhNullReset", false);
+    let mut fe = Fe::connect_with(
+        &path,
+        Mem::new(),
+        None,
+        0,
+        VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::RESET_DEVICE,
+        false,
+    );
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    fe.fe.set_backend_request_fd(&theirs).unwrap();
+    fe.fe.get_vring_base(0).unwrap();
+    fe.fe.reset_device().expect("RESET_DEVICE");
+    fe.fe.reset_device().expect("RESET_DEVICE again");
+    let (_, resize) = bdev::rpc_methods()
+        .into_iter()
+        .find(|(m, _)| *m == "bdev_null_resize")
+        .unwrap();
+    resize(json!({"name": "VhNullReset", "new_size": 2})).expect("resize");
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut hdr = [0u8; 12];
+    std::io::Read::read_exact(&mut &ours, &mut hdr).expect("config change message");
+    assert_eq!(u32::from_le_bytes(hdr[0..4].try_into().unwrap()), 2);
+    drop(fe);
+    delete_when_idle("vresreset.0");
+}
