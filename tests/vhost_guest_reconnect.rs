@@ -10,8 +10,9 @@
 //! the test kills and restarts thind and writes `go`, then the guest checks the data written
 //! before the crash and runs a verified random-write job on both queues; then thind is stopped
 //! cleanly (SIGTERM, the controller closes the live session) and started again, the guest
-//! checks its data once more and resets the device (driver unbind + bind: the rings are
-//! stopped and set up again on the same connection).
+//! checks its data once more, sees the thin bdev grow (`bdev_thin_resize`: CONFIG_CHANGE_MSG
+//! to QEMU, a config interrupt to the guest) and resets the device (driver unbind + bind: the
+//! rings are stopped and set up again on the same connection).
 //!
 //! Needs QEMU and `../shared/guest/guest-run`; under `CI=true` their absence fails the test.
 
@@ -66,6 +67,12 @@ for i in $(seq 1 1200); do [ -e "$SHARE/go2" ] && break; sleep 0.1; done
 [ -e "$SHARE/go2" ] || { echo "host never said go2"; exit 1; }
 job --verify_only
 echo "guest: data verified after the second (SIGTERM) restart"
+# The host grows the thin bdev: QEMU gets CONFIG_CHANGE_MSG and tells the guest.
+: > "$SHARE/ready3"
+for i in $(seq 1 300); do [ "$(cat /sys/block/vda/size)" = "$((EXP * 2))" ] && break; sleep 0.1; done
+S=$(cat /sys/block/vda/size)
+[ "$S" = "$((EXP * 2))" ] || { echo "size $S after resize, expected $((EXP * 2))"; exit 1; }
+echo "guest: vda grew to $S sectors"
 # A device reset, as a guest reboot does it: the driver lets go (QEMU stops the rings with
 # GET_VRING_BASE) and binds again (QEMU sets them up afresh on the same connection).
 DEV=$(basename "$(readlink -f /sys/block/vda/device)")
@@ -320,6 +327,15 @@ fn run_once() -> Result<(), String> {
     );
     let t2 = start_thind(dir, &["-S", dir_s, "--json", cfg_path.to_str().unwrap()]);
     std::fs::write(share.join("go2"), b"go").expect("go2");
+    if let Err(st) = guest.wait_for_file(&share.join("ready3"), Duration::from_secs(200)) {
+        let (_, text) = guest.finish(Duration::from_secs(5));
+        if st.code() == Some(GUEST_TIMEOUT) {
+            return Err(text);
+        }
+        panic!("guest ended ({st}) before the resize: {text}");
+    }
+    let mb2 = (2 * THIN_MB).to_string();
+    thin(&t2, &["bdev_thin_resize", "thin0", &mb2]);
 
     let (st, text) = guest.finish(Duration::from_secs(240));
     eprintln!("--- guest ---\n{text}");
