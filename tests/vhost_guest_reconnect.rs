@@ -4,15 +4,17 @@
 //!
 //! The device is a thin bdev in a pool on two uring bdevs. guest-run's own
 //! `--vhost-user-blk` builds a chardev without a reconnect option, so the test adds the
-//! chardev and the `vhost-user-blk-pci` device itself with `--qemu-arg` (QEMU ≥ 9.2 spells the
-//! option `reconnect-ms`; `reconnect=` seconds is gone in QEMU 10). The guest and the test
-//! meet through a 9p share: the guest writes `ready` once its data is flushed and it is idle,
-//! the test kills and restarts thind and writes `go`, then the guest checks the data written
-//! before the crash and runs a verified random-write job on both queues; then thind is stopped
-//! cleanly (SIGTERM, the controller closes the live session) and started again, the guest
-//! checks its data once more, sees the thin bdev grow (`bdev_thin_resize`: CONFIG_CHANGE_MSG
-//! to QEMU, a config interrupt to the guest) and resets the device (driver unbind + bind: the
-//! rings are stopped and set up again on the same connection).
+//! chardev and the `vhost-user-blk-pci` device itself with `--qemu-arg` (`reconnect-ms` from
+//! QEMU 9.2 on, `reconnect=` seconds before; QEMU 10 has only the former).
+//!
+//! The guest and the test meet through a 9p share: the guest writes `ready` once its data is
+//! flushed and it is idle, the test kills and restarts thind and writes `go`, then the guest
+//! checks the data written before the crash and runs a verified random-write job on both
+//! queues; then thind is stopped cleanly (SIGTERM, the controller closes the live session)
+//! and started again, the guest checks its data once more, sees the thin bdev grow
+//! (`bdev_thin_resize`: CONFIG_CHANGE_MSG to QEMU, a config interrupt to the guest) and
+//! resets the device (driver unbind + bind: the rings are stopped and set up again on the
+//! same connection).
 //!
 //! Needs QEMU and `../shared/guest/guest-run`; under `CI=true` their absence fails the test.
 
@@ -58,8 +60,8 @@ job --verify_only
 echo "guest: data written before the restart verified"
 fio --name=after --filename=/dev/vda --ioengine=libaio --direct=1 --iodepth=16 \
     --rw=randwrite --bs=4k --offset=8M --size=2M --offset_increment=2M --numjobs=2 \
-    --cpus_allowed_policy=split --cpus_allowed=0-1 --verify=crc32c --verify_fatal=1 --group_reporting \
-    --output-format=terse --terse-version=3 > /tmp/fio2.out
+    --cpus_allowed_policy=split --cpus_allowed=0-1 --verify=crc32c --verify_fatal=1 \
+    --group_reporting --output-format=terse --terse-version=3 > /tmp/fio2.out
 awk -F';' '$3 != "" {printf "fio %s: write %s KiB/s, errors=%s\n", $3, $48, $5}' /tmp/fio2.out
 # Second round: thind is stopped cleanly (SIGTERM closes the session) and started again.
 : > "$SHARE/ready2"
@@ -69,7 +71,9 @@ job --verify_only
 echo "guest: data verified after the second (SIGTERM) restart"
 # The host grows the thin bdev: QEMU gets CONFIG_CHANGE_MSG and tells the guest.
 : > "$SHARE/ready3"
-for i in $(seq 1 300); do [ "$(cat /sys/block/vda/size)" = "$((EXP * 2))" ] && break; sleep 0.1; done
+for i in $(seq 1 300); do
+  [ "$(cat /sys/block/vda/size)" = "$((EXP * 2))" ] && break; sleep 0.1
+done
 S=$(cat /sys/block/vda/size)
 [ "$S" = "$((EXP * 2))" ] || { echo "size $S after resize, expected $((EXP * 2))"; exit 1; }
 echo "guest: vda grew to $S sectors"
@@ -203,6 +207,31 @@ impl Drop for GuestRun {
     }
 }
 
+/// The chardev reconnect option: `reconnect-ms` from QEMU 9.2 (which deprecated
+/// `reconnect=` seconds; QEMU 10 removed it), `reconnect=1` before.
+fn reconnect_option() -> &'static str {
+    let out = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .expect("qemu-system-x86_64 --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version: Vec<u32> = text
+        .split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .unwrap_or("0")
+        .split('.')
+        .map_while(|p| p.parse().ok())
+        .collect();
+    let at_least_9_2 = version.first().copied().unwrap_or(0) > 9
+        || (version.first() == Some(&9) && version.get(1).copied().unwrap_or(0) >= 2);
+    if at_least_9_2 {
+        "reconnect-ms=500"
+    } else {
+        "reconnect=1"
+    }
+}
+
 /// guest-run's exit code when the guest ran past `--timeout` (a TCG stall under load).
 const GUEST_TIMEOUT: i32 = 124;
 
@@ -285,8 +314,9 @@ fn run_once() -> Result<(), String> {
             .arg("-chardev")
             .arg("--qemu-arg")
             .arg(format!(
-                "socket,id=vubr,path={},reconnect-ms=500",
-                sock.display()
+                "socket,id=vubr,path={},{}",
+                sock.display(),
+                reconnect_option()
             ))
             .arg("--qemu-arg")
             .arg("-device")

@@ -1,10 +1,11 @@
 //! A backend crash with requests in flight: the backend runs in a child process (this test
 //! binary re-executed), a frontend session here fills the ring, the backend takes the requests
 //! (the shared in-flight area shows them) but its bdev holds their completions, later requests
-//! complete past them (out of avail order), and the child is killed with SIGKILL. A new backend process on the same socket (stale socket replaced)
-//! gets the same in-flight area back with SET_INFLIGHT_FD and SET_VRING_BASE = used index, as
-//! QEMU reconnects, and must complete every request exactly once: the ones it resubmits from
-//! the area, and the ones the frontend published while no backend ran.
+//! complete past them (out of avail order), and the child is killed with SIGKILL. A new
+//! backend process on the same socket (stale socket replaced) gets the same in-flight area
+//! back with SET_INFLIGHT_FD and SET_VRING_BASE = used index, as QEMU reconnects, and must
+//! complete every request exactly once: the ones it resubmits from the area, and the ones the
+//! frontend published while no backend ran.
 //!
 //! `harness = false`: `main` is either the test or, with `VHOST_CRASH_CHILD_DIR` set, the
 //! backend process (a uring bdev over a file, a fault bdev on top whose completions can be
