@@ -30,7 +30,8 @@ pub enum IoType {
     Unmap = 2,
     /// Make every write completed before this flush durable.
     Flush = 3,
-    /// Reset the bdev: completes after all I/O outstanding on the channel has completed.
+    /// Reset the bdev: freezes every channel, waits for the I/O in flight on all of them,
+    /// resets the module, unfreezes and completes (see [`crate::BdevChannel::reset`]).
     Reset = 4,
     /// Write zeroes to blocks without a data buffer.
     WriteZeroes = 5,
@@ -218,6 +219,12 @@ pub(crate) struct CoreState {
     pub destructed: bool,
     pub channels: Vec<Weak<ChannelStats>>,
     pub retired: IoStatSnapshot,
+    /// Generations of bdev-wide resets (`io/reset.rs`), counted from 1.
+    pub reset_gen: u64,
+    /// The generation of the reset that has every channel frozen now, if any.
+    pub reset_frozen: Option<u64>,
+    /// Reactors with a reset waiting (one entry per reset, FIFO); the head is running.
+    pub reset_waiting: std::collections::VecDeque<reactor::ReactorId>,
 }
 
 static NEXT_BDEV_ID: AtomicU64 = AtomicU64::new(1);

@@ -21,6 +21,8 @@ use crate::buf::IoBuf;
 use crate::error::{BdevError, ErrorKind, Result};
 use crate::iostat::{ticks, ChannelStats};
 
+mod reset;
+
 /// Most requests (including split children) in flight on one channel; beyond this a submit
 /// fails with `ENOMEM` until something completes.
 pub const MAX_IOS_PER_CHANNEL: usize = 65536;
@@ -306,13 +308,29 @@ pub(crate) struct ChannelInner {
     block_size: u64,
     boundary: u64,
     supported: u8,
+    /// `supported` while the channel is not frozen, 0 while a reset freezes it: the fast
+    /// path checks this one mask and leaves frozen channels to the general path.
+    fast_mask: Cell<u8>,
+    /// The reactor that owns the channel (`None` on a non-reactor thread).
+    home: Option<reactor::ReactorId>,
     module: RefCell<Box<dyn ModuleChannel>>,
     pool: RefCell<SlotPool>,
     done: Rc<CompletionQueue>,
     stats: Arc<ChannelStats>,
     nr_inflight: Cell<usize>,
-    /// Resets waiting for the channel to drain.
+    /// Resets of this channel waiting for their turn and the drain (see `reset`).
     pending_resets: RefCell<VecDeque<ModuleIo>>,
+    /// Generation of the bdev-wide reset that froze the channel; 0 when not frozen.
+    frozen_gen: Cell<u64>,
+    /// Top-level I/O submitted while frozen (with "needs splitting"), submitted in order on
+    /// unfreeze.
+    frozen: RefCell<VecDeque<(ModuleIo, bool)>>,
+    /// A remote reset waiting for this channel to drain.
+    drain_ack: RefCell<Option<Arc<reset::ResetCtx>>>,
+    /// The bdev-wide reset this channel runs as origin.
+    active_reset: RefCell<Option<reset::ActiveReset>>,
+    /// `drain_ack` or `active_reset` is set: `poll` has reset work to check.
+    reset_busy: Cell<bool>,
     /// The reactor poller that drives this channel, when created on a reactor.
     poller: Cell<Option<reactor::PollerHandle>>,
     /// Tick count read once per poll: submissions are stamped with it and completions
@@ -341,6 +359,10 @@ impl Drop for ChannelInner {
             if reactor::try_current() == Some(p.reactor()) {
                 p.unregister();
             }
+        }
+        if let Some(ctx) = self.drain_ack.get_mut().take() {
+            // Do not hold up a reset running elsewhere.
+            ctx.ack();
         }
         if self.nr_inflight.get() > 0 {
             // Dropped with I/O in flight (a caller bug): a module (or the kernel) may still
@@ -420,7 +442,14 @@ impl BdevChannel {
             }
         }
         let stats = Arc::new(ChannelStats::default());
-        bdev.core().lock().channels.push(Arc::downgrade(&stats));
+        let frozen_gen = {
+            let mut st = bdev.core().lock();
+            st.channels.push(Arc::downgrade(&stats));
+            // A channel created while a reset has the bdev frozen starts frozen; the reset's
+            // unfreeze reaches it like any other channel.
+            st.reset_frozen.unwrap_or(0)
+        };
+        let home = reactor::try_current();
         let core = bdev.core();
         let inner = ChannelInner {
             bdev: bdev.clone(),
@@ -428,6 +457,8 @@ impl BdevChannel {
             block_size: u64::from(core.block_size()),
             boundary: u64::from(core.optimal_io_boundary()),
             supported,
+            fast_mask: Cell::new(if frozen_gen == 0 { supported } else { 0 }),
+            home,
             module: RefCell::new(module),
             pool: RefCell::new(SlotPool {
                 slots: Vec::with_capacity(256),
@@ -437,6 +468,11 @@ impl BdevChannel {
             stats,
             nr_inflight: Cell::new(0),
             pending_resets: RefCell::new(VecDeque::new()),
+            frozen_gen: Cell::new(frozen_gen),
+            frozen: RefCell::new(VecDeque::new()),
+            drain_ack: RefCell::new(None),
+            active_reset: RefCell::new(None),
+            reset_busy: Cell::new(false),
             poller: Cell::new(None),
             now_ticks: Cell::new(ticks()),
             spare: RefCell::new(Vec::with_capacity(256)),
@@ -444,7 +480,7 @@ impl BdevChannel {
         let ch = BdevChannel {
             inner: Rc::new(inner),
         };
-        if reactor::try_current().is_some() {
+        if home.is_some() {
             let weak = Rc::downgrade(&ch.inner);
             let name = format!("bdev_channel:{}", bdev.name());
             let handle = reactor::register_poller(&name, move || match weak.upgrade() {
@@ -591,7 +627,12 @@ impl BdevChannel {
         )
     }
 
-    /// Resets the bdev: completes after every I/O in flight on this channel has completed.
+    /// Resets the bdev (SPDK `spdk_bdev_reset`): every channel of the bdev, on every reactor,
+    /// is frozen (I/O submitted meanwhile is queued, not failed), the reset waits for the I/O
+    /// in flight on all of them, the module resets, the channels are unfrozen (their queued
+    /// I/O goes out in order) and then the reset completes. Resets of one bdev run one at a
+    /// time, in submission order. On a thread that is not a reactor, only this channel's I/O
+    /// is waited for. See `io/reset.rs`.
     pub fn reset(&self, tag: u64, cb: &IoCallback) -> Result<(), SubmitError> {
         self.submit(IoType::Reset, Payload::None, 0, 0, tag, cb)
     }
@@ -707,7 +748,7 @@ impl BdevChannel {
         // num_blocks <= size and size * block_size fits in u64 (validated geometry), so the
         // product cannot overflow once the range check passed.
         let fast = inner.boundary == 0
-            && inner.supported & (1 << io_type as u8) != 0
+            && inner.fast_mask.get() & (1 << io_type as u8) != 0
             && num_blocks != 0
             && offset_blocks <= size
             && num_blocks <= size - offset_blocks
@@ -816,7 +857,11 @@ impl BdevChannel {
             ptr,
             len,
         };
-        if splits {
+        if io_type == IoType::Reset {
+            self.queue_reset(io);
+        } else if self.inner.frozen_gen.get() != 0 {
+            self.inner.frozen.borrow_mut().push_back((io, splits));
+        } else if splits {
             self.submit_split(io);
         } else {
             self.submit_to_module(io);
@@ -874,10 +919,6 @@ impl BdevChannel {
 
     #[inline]
     fn submit_to_module(&self, io: ModuleIo) {
-        if io.io_type == IoType::Reset && self.inner.nr_inflight.get() > 1 {
-            self.inner.pending_resets.borrow_mut().push_back(io);
-            return;
-        }
         self.inner.module.borrow_mut().submit(io);
     }
 
@@ -902,7 +943,11 @@ impl BdevChannel {
         }
         *inner.spare.borrow_mut() = batch;
         work += n;
-        if !inner.pending_resets.borrow().is_empty()
+        if inner.reset_busy.get() {
+            self.reset_poll();
+        }
+        if inner.home.is_none()
+            && !inner.pending_resets.borrow().is_empty()
             && inner.nr_inflight.get() <= inner.pending_resets.borrow().len()
         {
             let resets: Vec<ModuleIo> = inner.pending_resets.borrow_mut().drain(..).collect();
@@ -970,6 +1015,8 @@ impl BdevChannel {
         };
         pool.free.push(top);
         drop(pool);
+        // The bdev-wide reset unfreezes every channel before it completes.
+        let reset_done = done.io_type == IoType::Reset && self.reset_finished();
         let bytes = match done.io_type {
             IoType::Flush | IoType::Reset => 0,
             _ => done.num_blocks * inner.block_size,
@@ -980,6 +1027,9 @@ impl BdevChannel {
         inner.nr_inflight.set(inner.nr_inflight.get() - 1);
         if let Some(cb) = cb {
             cb(done);
+        }
+        if reset_done {
+            self.reset_start_next();
         }
     }
 }
