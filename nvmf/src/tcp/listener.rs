@@ -15,6 +15,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use reactor::{PollStatus, ReactorId};
 
@@ -24,6 +25,10 @@ use crate::subsystem::{ListenAddr, Target};
 
 /// Most connections accepted per poll.
 const MAX_ACCEPTS_PER_POLL: usize = 16;
+/// Off the reactors (config loading at start-up), how long a bind refused with
+/// `EADDRINUSE` is retried: a killed predecessor's listening socket outlives it for a few
+/// milliseconds while the kernel tears down its io_uring (whose armed poll holds it).
+const STARTUP_BIND_RETRY: Duration = Duration::from_secs(2);
 
 /// A bound listen address.
 #[derive(Debug)]
@@ -60,7 +65,7 @@ pub fn acquire(t: &mut Target, addr: &ListenAddr) -> Result<(), NvmfError> {
         .map_err(|_| NvmfError::invalid(format!("invalid trsvcid '{}'", addr.trsvcid)))?;
     let rt = crate::runtime()
         .ok_or_else(|| NvmfError::invalid("reactors not running (nvmf::set_runtime)"))?;
-    let sock = bind_listener(SocketAddr::new(ip, port), opts.acceptor_backlog).map_err(|e| {
+    let sock = bind_retrying(SocketAddr::new(ip, port), opts.acceptor_backlog).map_err(|e| {
         NvmfError::errno(
             e.raw_os_error().unwrap_or(libc::EIO),
             format!("listen on {ip}:{port}: {e}"),
@@ -112,6 +117,24 @@ impl Listener {
         // SAFETY: shutdown(2) on a socket this listener keeps open (`self.sock`); no
         // pointers. Failure (already shut down) changes nothing.
         unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+/// [`bind_listener`]; off the reactors (where waiting is allowed) a port still held by a
+/// listening socket is retried for up to [`STARTUP_BIND_RETRY`].
+fn bind_retrying(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let deadline = Instant::now() + STARTUP_BIND_RETRY;
+    loop {
+        match bind_listener(addr, backlog) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EADDRINUSE)
+                    && reactor::try_current().is_none()
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r,
+        }
     }
 }
 

@@ -130,3 +130,24 @@ fn unlisten_frees_the_port_at_once() {
     assert!(l.sock.accept().is_err(), "the old socket accepts nothing");
     drop(again);
 }
+
+#[test]
+fn startup_bind_waits_for_a_dying_listener() {
+    let held = bind_listener("127.0.0.1:0".parse().unwrap(), 16).expect("bind");
+    let addr = held.local_addr().unwrap();
+    // The previous owner's socket goes away 100 ms later (as a killed daemon's does).
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        drop(held);
+    });
+    let start = Instant::now();
+    let l = super::bind_retrying(addr, 16).expect("bound once the old socket is gone");
+    assert!(start.elapsed() >= Duration::from_millis(50));
+    t.join().unwrap();
+    // A port that stays taken is still refused, after the bounded wait.
+    let start = Instant::now();
+    let e = super::bind_retrying(addr, 16).expect_err("still listening");
+    assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE));
+    assert!(start.elapsed() >= super::STARTUP_BIND_RETRY);
+    drop(l);
+}
