@@ -7,7 +7,8 @@
 # bdev/examples/thin_commit.rs (see its header for the method). Changed = 0 is a flush with
 # nothing dirty: it must write no metadata block.
 # See common.sh for the environment knobs (BENCH_CORE; BENCH_SECONDS and BENCH_REPS unused).
-# THIN_COMMIT_COUNTS overrides the counts (comma separated).
+# THIN_COMMIT_COUNTS overrides the counts (comma separated), THIN_COMMIT_BASE the number of
+# mappings the thin bdev holds before the measured changes (default 131072).
 source "$(dirname "$0")/common.sh"
 header
 
@@ -21,7 +22,8 @@ counts=${THIN_COMMIT_COUNTS:-0,1,100,10000,100000}
 
 for meta in malloc file; do
     for placement in seq rand; do
-        args=(--counts "$counts" --placement "$placement" --core "$BENCH_CORE")
+        args=(--counts "$counts" --base "${THIN_COMMIT_BASE:-131072}" --placement "$placement"
+              --core "$BENCH_CORE")
         [ "$meta" = file ] && args+=(--meta-file "$BENCH_DIR/thin-commit-meta.img")
         echo "## metadata: $meta, placement: $placement"
         "$THIN_COMMIT" "${args[@]}" | grep -v '^{'

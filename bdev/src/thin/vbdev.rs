@@ -749,15 +749,18 @@ impl DevState {
             offset_blocks: (d * self.dbs + off) / self.t.data_bs,
             num_blocks: len as u64 / self.t.data_bs,
         };
-        if write {
-            self.inner.borrow_mut().nr_writes += 1;
-        }
-        let tag = self.inner.borrow_mut().fast.insert(FastOp {
-            io,
-            done,
-            write,
-            _zero: zero,
-        });
+        let tag = {
+            let mut inner = self.inner.borrow_mut();
+            if write {
+                inner.nr_writes += 1;
+            }
+            inner.fast.insert(FastOp {
+                io,
+                done,
+                write,
+                _zero: zero,
+            })
+        };
         // SAFETY: the region belongs to the ModuleIo (or zero buffer) parked in the `fast`
         // slab until fast_done takes it back, after the data bdev completed.
         let r = unsafe { self.data.submit_raw(raw, tag as u64, &self.fast_cb) };
@@ -788,11 +791,10 @@ impl DevState {
             let mut inner = self.inner.borrow_mut();
             assert!(inner.nr_writes > 0, "nr_writes underflow");
             inner.nr_writes -= 1;
-            if inner.nr_writes == 0 {
-                std::mem::take(&mut inner.quiesce_waiters)
-            } else {
-                Vec::new()
+            if inner.nr_writes > 0 || inner.quiesce_waiters.is_empty() {
+                return;
             }
+            std::mem::take(&mut inner.quiesce_waiters)
         };
         for w in waiters {
             w();
@@ -808,15 +810,34 @@ impl DevState {
             inner.held.push_back((io, done));
             return None;
         }
-        if let Some(q) = inner.busy.get_mut(&vb) {
-            q.push_back((io, done));
-            return None;
+        if !inner.busy.is_empty() {
+            if let Some(q) = inner.busy.get_mut(&vb) {
+                q.push_back((io, done));
+                return None;
+            }
         }
         Some((io, done))
     }
 
+    /// The data block of `vb` if a write may go straight to it: not quiescing, block not
+    /// busy, mapped and unshared (one look at the state; the common case of a write).
+    #[inline]
+    fn writable_in_place(&self, vb: u64) -> Option<u64> {
+        let inner = self.inner.borrow();
+        if inner.quiescing > 0 || (!inner.busy.is_empty() && inner.busy.contains_key(&vb)) {
+            return None;
+        }
+        match inner.cache.get(&vb) {
+            Some(&(d, false)) => Some(d),
+            _ => None,
+        }
+    }
+
     fn write(self: &Rc<Self>, io: ModuleIo, done: Done) {
         let (vb, off, _) = self.geometry(&io);
+        if let Some(d) = self.writable_in_place(vb) {
+            return self.fast_rw(io, done, d, off, true, None);
+        }
         let Some((io, done)) = self.hold(vb, io, done) else {
             return;
         };
