@@ -22,6 +22,7 @@ mod ring;
 #[path = "vhost_blk_perf/session.rs"]
 mod session;
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,8 +35,10 @@ use ring::{GuestMem, MemLayout};
 fn main() -> ExitCode {
     let opts = match cli::parse_args(std::env::args().skip(1)) {
         Ok(Command::Help) => {
-            println!("{}", cli::USAGE);
-            return ExitCode::SUCCESS;
+            return match writeln!(std::io::stdout(), "{}", cli::USAGE) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("writing usage: {e}")),
+            };
         }
         Ok(Command::Run(o)) => o,
         Err(e) => return fail(&e),
@@ -153,7 +156,7 @@ fn report(opts: &Options, s: &Stats) -> ExitCode {
     } else {
         (us(h.min()), us(h.max()))
     };
-    println!(
+    let summary = format!(
         "{} {} q={} o={} queues={}: {:.0} IOPS {:.2} MiB/s latency us avg {:.2} p50 {:.2} \
          p99 {:.2} max {:.2} failed {} miscompares {}",
         opts.socket.display(),
@@ -192,7 +195,10 @@ fn report(opts: &Options, s: &Stats) -> ExitCode {
         "p99_us": r2(p99),
         "p999_us": r2(p999),
     });
-    println!("{line}");
+    // A closed stdout (`| head -1`) is an error line, not a panic.
+    if let Err(e) = writeln!(std::io::stdout(), "{summary}\n{line}") {
+        return fail(&format!("writing results: {e}"));
+    }
     match &s.first_failure {
         None => ExitCode::SUCCESS,
         Some(first) => fail(&format!(
