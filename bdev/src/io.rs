@@ -1015,10 +1015,11 @@ impl BdevChannel {
         };
         pool.free.push(top);
         drop(pool);
-        // The bdev-wide reset unfreezes every channel before it completes.
-        let reset_done = done.io_type == IoType::Reset && self.reset_finished();
+        if done.io_type == IoType::Reset {
+            return self.finish_reset(done, cb);
+        }
         let bytes = match done.io_type {
-            IoType::Flush | IoType::Reset => 0,
+            IoType::Flush => 0,
             _ => done.num_blocks * inner.block_size,
         };
         inner
@@ -1028,7 +1029,25 @@ impl BdevChannel {
         if let Some(cb) = cb {
             cb(done);
         }
-        if reset_done {
+    }
+
+    /// `finish` of a reset: a bdev-wide reset unfreezes every channel before it completes
+    /// and starts the next waiting reset after.
+    #[cold]
+    fn finish_reset(&self, done: IoDone, cb: Option<IoCallback>) {
+        let inner = &*self.inner;
+        let bdev_wide = self.reset_finished();
+        inner.stats.record(
+            IoType::Reset,
+            0,
+            done.latency_ticks,
+            done.status.is_success(),
+        );
+        inner.nr_inflight.set(inner.nr_inflight.get() - 1);
+        if let Some(cb) = cb {
+            cb(done);
+        }
+        if bdev_wide {
             self.reset_start_next();
         }
     }
