@@ -224,6 +224,8 @@ fn randwrite_randread_and_verify_on_a_malloc_controller() {
     .assert_clean();
     assert_eq!(j["workload"], "randwrite");
     assert_eq!(j["queue_depth"], 8);
+    // In interrupt mode the controller leaves kicks on: the driver had to notify it.
+    assert!(j["kicks"].as_u64().unwrap() > 0, "{j}");
     driver(&s, &["-q", "32", "-w", "randread", "-t", "1"]).assert_clean();
     // Verify over two queues, 16 KiB requests; then 4 KiB with EVENT_IDX on one queue.
     let j = driver(

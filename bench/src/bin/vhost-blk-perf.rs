@@ -188,6 +188,7 @@ fn report(opts: &Options, s: &Stats) -> ExitCode {
         "mibps": r2(mibps),
         "io_failed": s.nr_failed,
         "miscompares": s.nr_miscompares,
+        "kicks": s.nr_kicks,
         "avg_latency_us": r2(avg),
         "min_latency_us": r2(min),
         "max_latency_us": r2(max),

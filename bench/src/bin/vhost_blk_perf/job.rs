@@ -66,6 +66,9 @@ pub struct Stats {
     pub latency_ns: Histogram<u64>,
     /// Length of the measured time.
     pub runtime: Duration,
+    /// Kicks written: publishes the device did not ask us to suppress (0 against a backend
+    /// that polls with notifications off).
+    pub nr_kicks: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,6 +358,7 @@ pub fn run(
             first_failure: None,
             latency_ns,
             runtime: Duration::ZERO,
+            nr_kicks: 0,
         },
         plan,
     };
@@ -391,6 +395,7 @@ fn drive(
         }
         if job.ring.publish() {
             session.kick(q)?;
+            shared.stats.nr_kicks += 1;
         }
     }
     let mut last_progress = start;
@@ -402,6 +407,7 @@ fn drive(
             done += job.poll(shared, stopping, deadline)?;
             if job.ring.publish() {
                 session.kick(q)?;
+                shared.stats.nr_kicks += 1;
             }
         }
         let now = Instant::now();
