@@ -15,6 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bdev::{Completer, IoStatus, IoType, ModuleIo};
 use reactor::{PollStatus, PollerHandle};
@@ -33,6 +34,11 @@ const MAX_DSM_RANGES: u64 = 256;
 const MAX_RANGE_BLOCKS: u64 = u32::MAX as u64;
 /// Most children issued per poll (bounded work).
 const MAX_ISSUE_PER_POLL: usize = 1024;
+/// Delay before retrying an I/O queue Connect the target refused for now (`EAGAIN`: it still
+/// tears down the previous queue of that id), and how many such retries in a row are allowed
+/// before the refusal counts as a controller failure.
+const CONNECT_RETRY_DELAY: Duration = Duration::from_millis(20);
+const CONNECT_RETRIES: u32 = 100;
 
 /// One bdev I/O in progress.
 struct IoCtx {
@@ -61,6 +67,10 @@ pub struct IoQ {
     gen: u64,
     /// Generation whose connect attempt failed (no retry until it changes).
     failed_gen: Option<u64>,
+    /// A transiently refused Connect is retried from this time on.
+    retry_at: Option<Instant>,
+    /// Transient refusals in a row.
+    retries: u32,
     max_xfer: u32,
     in_capsule: u32,
     ios: Slab<IoCtx>,
@@ -94,6 +104,8 @@ impl IoQueue {
             qpair: None,
             gen: 0,
             failed_gen: None,
+            retry_at: None,
+            retries: 0,
             max_xfer: 4096,
             in_capsule: 0,
             ios: Slab::new(),
@@ -183,7 +195,9 @@ impl IoQ {
                 .as_ref()
                 .is_none_or(|q| q.state() == QpairState::Failed)
                 || self.gen != gen;
-            if stale && self.failed_gen != Some(gen) {
+            let waiting = self.retry_at.is_some_and(|t| Instant::now() < t);
+            if stale && self.failed_gen != Some(gen) && !waiting {
+                self.retry_at = None;
                 busy |= self.connect(gen);
             }
         }
@@ -251,7 +265,10 @@ impl IoQ {
         let mut events = std::mem::take(&mut self.events);
         for ev in events.drain(..) {
             match ev {
-                Event::Connected { .. } => self.failed_gen = None,
+                Event::Connected { .. } => {
+                    self.failed_gen = None;
+                    self.retries = 0;
+                }
                 Event::Failed(e) => {
                     crate::trace!("ctrlr {}: I/O queue failed: {e}", self.ctrlr.opts.name);
                     if self
@@ -261,7 +278,14 @@ impl IoQ {
                     {
                         self.qpair = None;
                     }
-                    if !self.ctrlr.is_deleted() {
+                    if e.errno() == libc::EAGAIN
+                        && self.retries < CONNECT_RETRIES
+                        && !self.ctrlr.is_deleted()
+                    {
+                        // Refused for now: try again shortly, the controller is fine.
+                        self.retries += 1;
+                        self.retry_at = Some(Instant::now() + CONNECT_RETRY_DELAY);
+                    } else if !self.ctrlr.is_deleted() {
                         self.failed_gen = Some(self.gen);
                         self.ctrlr.report_io_failure(self.gen, e);
                     }

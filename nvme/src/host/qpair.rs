@@ -660,7 +660,7 @@ impl Qpair {
                     self.events.push(Event::Connected { dw0: cqe.dw0 });
                 }
                 Ok(cqe) => self.fail(HostError::new(
-                    if cqe.dnr() { libc::EPERM } else { libc::ECONNREFUSED },
+                    connect_rejection_errno(self.opts.qid, &cqe),
                     format!(
                         "Fabrics Connect (qid {}) to {} rejected: status {:#x} (SCT {} SC {:#x}), dw0 {:#x}",
                         self.opts.qid,
@@ -844,3 +844,23 @@ type PduResult = Result<(), (Fatal, String)>;
 
 #[cfg(test)]
 mod tests;
+
+/// The errno for a refused Fabrics Connect. `EAGAIN` marks a refusal that goes away by itself
+/// for an I/O queue: Command Sequence Error (the target still holds a queue of that id: Linux
+/// nvmet tears a closed queue down asynchronously, so a queue reopened at once is refused) and
+/// Connect Controller Busy. Otherwise `EPERM` if the target said not to retry, else
+/// `ECONNREFUSED`.
+fn connect_rejection_errno(qid: u16, cqe: &Cqe) -> i32 {
+    const SC_COMMAND_SEQUENCE_ERROR: u16 = 0x0c;
+    const SCT_COMMAND_SPECIFIC: u16 = 1;
+    const SC_CONNECT_CTRL_BUSY: u16 = 0x82;
+    let transient = (cqe.sct() == 0 && cqe.sc() == SC_COMMAND_SEQUENCE_ERROR)
+        || (cqe.sct() == SCT_COMMAND_SPECIFIC && cqe.sc() == SC_CONNECT_CTRL_BUSY);
+    if qid != 0 && transient {
+        libc::EAGAIN
+    } else if cqe.dnr() {
+        libc::EPERM
+    } else {
+        libc::ECONNREFUSED
+    }
+}
