@@ -407,3 +407,143 @@ fn thin_bad_input_gets_clear_errors() {
     let r = raw.call("bdev_thin_pool_get_pools", json!({}));
     assert_eq!(r["result"][0]["name"], json!("p"), "{r}");
 }
+
+/// A thin pool whose data device is another thind's namespace over NVMe/TCP (our initiator,
+/// attached with SPDK's `bdev_nvme_attach_controller`): data written through the pool's own
+/// NVMe/TCP export reads back after a restart from save_config, which attaches the remote
+/// controller before it opens the pool.
+#[test]
+fn thin_pool_on_a_remote_namespace_through_spdk_rpc() {
+    if !common::require("spdk-rpc", "SPDK's JSON-RPC client, pip package spdk")
+        || !common::require("thin_check", "thin-provisioning-tools")
+    {
+        return;
+    }
+    const REMOTE_NQN: &str = "nqn.2016-06.io.spdk:remote-data";
+    let remote_dir = tempfile::tempdir().expect("tempdir");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // The remote side: a malloc bdev exported over NVMe/TCP.
+    let remote = Thind::start(remote_dir.path(), &[]);
+    remote.rpc(&["bdev_malloc_create", "-b", "Remote0", "32", "4096"]);
+    remote.rpc(&["nvmf_create_transport", "-t", "TCP"]);
+    remote.rpc(&["nvmf_create_subsystem", REMOTE_NQN, "-a", "-s", "REMOTE01"]);
+    remote.rpc(&["nvmf_subsystem_add_ns", REMOTE_NQN, "Remote0"]);
+    let remote_port = nvmf_host::free_port().to_string();
+    remote.rpc(&[
+        "nvmf_subsystem_add_listener",
+        REMOTE_NQN,
+        "-t",
+        "tcp",
+        "-a",
+        "127.0.0.1",
+        "-s",
+        &remote_port,
+    ]);
+
+    // The pool side.
+    let meta = dir.path().join("meta.img");
+    std::fs::File::create(&meta)
+        .expect("meta")
+        .set_len(4 << 20)
+        .expect("len");
+    let meta_s = meta.to_str().expect("utf8");
+    let mut t = Thind::start(dir.path(), &[]);
+    let attached = t.rpc(&[
+        "bdev_nvme_attach_controller",
+        "-b",
+        "Nvme0",
+        "-t",
+        "tcp",
+        "-a",
+        "127.0.0.1",
+        "-f",
+        "ipv4",
+        "-s",
+        &remote_port,
+        "-n",
+        REMOTE_NQN,
+    ]);
+    // spdk-rpc prints the returned list of bdev names one per line.
+    assert_eq!(attached, json!("Nvme0n1"));
+    let bd = t.rpc(&["bdev_get_bdevs", "-b", "Nvme0n1"]);
+    assert_eq!(
+        (bd[0]["num_blocks"].clone(), bd[0]["block_size"].clone()),
+        (json!(8192), json!(4096)),
+        "{bd}"
+    );
+    let ctrlrs = t.rpc(&["bdev_nvme_get_controllers", "-n", "Nvme0"]);
+    assert_eq!(ctrlrs[0]["name"], json!("Nvme0"), "{ctrlrs}");
+    t.rpc(&["bdev_uring_create", meta_s, "m0", "4096"]);
+    thin(
+        &t,
+        &[
+            "bdev_thin_pool_create",
+            "-n",
+            "pool0",
+            "-d",
+            "Nvme0n1",
+            "-m",
+            "m0",
+        ],
+    );
+    thin(
+        &t,
+        &["bdev_thin_create", "-p", "pool0", "-n", "thin0", "-s", "16"],
+    );
+    let port = nvmf_host::free_port();
+    export(&t, "thin0", port);
+    {
+        let (_admin, mut io) = connect(port);
+        for b in 0..8 {
+            write_block(&mut io, b, 5);
+        }
+        flush(&mut io);
+        for b in 0..8 {
+            assert_eq!(read_block(&mut io, b), pattern(b, 5), "block {b}");
+        }
+    }
+    assert_eq!(thin_info(&pool(&t), "thin0")["mapped_blocks"], json!(8));
+
+    // save_config attaches the controller before the pool; restart from it.
+    let out = t.rpc_output(&["save_config"]);
+    assert!(out.status.success());
+    let cfg_text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let attach_at = cfg_text
+        .find("bdev_nvme_attach_controller")
+        .expect("attach saved");
+    let pool_at = cfg_text.find("bdev_thin_pool_create").expect("pool saved");
+    assert!(
+        attach_at < pool_at,
+        "controller saved after the pool:\n{cfg_text}"
+    );
+    let cfg = dir.path().join("config.json");
+    std::fs::write(&cfg, &out.stdout).expect("config");
+    assert_eq!(t.terminate(), Some(0), "SIGTERM exits 0");
+    thin_check(&meta);
+    wait_port_free(port);
+
+    let t2 = Thind::start(dir.path(), &["--json", cfg.to_str().expect("utf8")]);
+    assert_eq!(thin_info(&pool(&t2), "thin0")["mapped_blocks"], json!(8));
+    {
+        let (_admin, mut io) = connect(port);
+        for b in 0..8 {
+            assert_eq!(
+                read_block(&mut io, b),
+                pattern(b, 5),
+                "block {b} after restart"
+            );
+        }
+        // Unmapped blocks read zeroes without touching the remote namespace.
+        assert_eq!(read_block(&mut io, 9), vec![0u8; 65536]);
+    }
+    // Close the pool, then detach: the namespace bdev goes away with its controller.
+    thin(&t2, &["bdev_thin_pool_delete", "pool0"]);
+    t2.rpc(&["bdev_nvme_detach_controller", "Nvme0"]);
+    let left = t2.rpc(&["bdev_get_bdevs"]);
+    assert!(
+        !left.to_string().contains("Nvme0n1"),
+        "Nvme0n1 still registered: {left}"
+    );
+    drop(remote);
+}

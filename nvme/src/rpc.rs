@@ -92,6 +92,20 @@ struct AttachParams {
     max_bdevs: Option<u32>,
     dhchap_key: Option<String>,
     dhchap_ctrlr_key: Option<String>,
+    /// SPDK's client always sends these two. Namespaces of a command set other than NVM are
+    /// never made bdevs here, so `allow_unrecognized_csi` changes nothing; submission queue
+    /// flow control (SQHD) is always honoured, so disabling it is accepted and ignored.
+    #[allow(dead_code)]
+    allow_unrecognized_csi: Option<bool>,
+    #[allow(dead_code)]
+    disable_sq_flow_control: Option<bool>,
+    /// Multipath options (`-x multipath` only, which is refused).
+    #[allow(dead_code)]
+    policy: Option<String>,
+    #[allow(dead_code)]
+    selector: Option<String>,
+    #[allow(dead_code)]
+    min_io: Option<u32>,
 }
 
 fn attach_opts(p: AttachParams) -> Result<CtrlrOpts, BdevError> {

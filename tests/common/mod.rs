@@ -66,7 +66,41 @@ impl Thind {
             dir: dir.to_owned(),
         };
         t.wait_ready();
+        // The socket answers during start-up too; unless start-up waits for RPCs, wait until
+        // the config (--json) has been applied and the framework runs, so what it creates
+        // (bdevs, listeners, controllers) exists when the test goes on.
+        if !extra.contains(&"--wait-for-rpc") {
+            t.wait_init();
+        }
         t
+    }
+
+    /// `framework_wait_init`: answers once initialization (config included) is complete.
+    fn wait_init(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut s = UnixStream::connect(&self.sock).expect("connect RPC socket");
+        s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+        s.write_all(br#"{"jsonrpc":"2.0","method":"framework_wait_init","id":1}"#)
+            .expect("send framework_wait_init");
+        let mut got = Vec::new();
+        let mut b = [0u8; 512];
+        while Instant::now() < deadline {
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    got.extend_from_slice(&b[..n]);
+                    if let Ok(v) = serde_json::from_slice::<Value>(&got) {
+                        assert!(v.get("error").is_none(), "framework_wait_init: {v}");
+                        return;
+                    }
+                }
+            }
+        }
+        panic!(
+            "thind on {} did not finish initialization: {}",
+            self.sock.display(),
+            String::from_utf8_lossy(&got)
+        );
     }
 
     fn wait_ready(&self) {
