@@ -763,6 +763,22 @@ fn reactor_thread(
             return;
         }
     };
+    if opts.pin_threads && !opts.interrupt_mode {
+        // A polling reactor never yields its core: keep the ring's io-wq workers on the
+        // cores no reactor spins on (or at least off this one). Best effort: an old kernel
+        // without IORING_REGISTER_IOWQ_AFF keeps the default.
+        let reactor_cores = opts.mask.cores();
+        let available = cpu::available_cores();
+        let mut others: Vec<usize> = available
+            .iter()
+            .copied()
+            .filter(|c| !reactor_cores.contains(c))
+            .collect();
+        if others.is_empty() {
+            others = available.into_iter().filter(|&c| c != me.core).collect();
+        }
+        let _ = ring.set_worker_affinity(&others);
+    }
     let core = Rc::new(Core::new(
         id,
         shared.clone(),

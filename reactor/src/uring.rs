@@ -258,6 +258,28 @@ impl Ring {
         Ok(ring)
     }
 
+    /// Lets the kernel's io-wq workers of this ring (which run the operations that cannot
+    /// complete inline, such as writes to tmpfs) run only on `cores`. They inherit the
+    /// reactor thread's affinity otherwise, and a spinning reactor leaves them no time on
+    /// its own core. Empty `cores`, or the simulator's ring: nothing to do.
+    pub(crate) fn set_worker_affinity(&self, cores: &[usize]) -> io::Result<()> {
+        if cores.is_empty() {
+            return Ok(());
+        }
+        let backend = self.inner.backend.borrow();
+        let Backend::Uring { ring, .. } = &*backend else {
+            return Ok(());
+        };
+        // SAFETY: cpu_set_t is a plain bit array; all-zero is the valid empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &c in cores {
+            // SAFETY: CPU_SET only writes bit `c` of `set`; the ids come from the kernel's
+            // list of this process's CPUs, below CPU_SETSIZE.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+        ring.submitter().register_iowq_aff(&set)
+    }
+
     /// The simulator's synchronous ring.
     pub(crate) fn new_sync(max_in_flight: usize) -> Ring {
         Ring::with_backend(
