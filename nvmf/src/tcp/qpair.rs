@@ -833,11 +833,14 @@ impl Qpair {
         }
     }
 
+    /// The response is queued, not sent: the poll group polls every qpair of the reactor
+    /// each tick and `poll` sends what a tick's completions queued in one write (a write per
+    /// completion was one `sendto` per I/O). A completion makes the reactor's tick busy, so
+    /// an interrupt-mode reactor polls again before it sleeps.
     fn on_bdev_done(&mut self, done: IoDone) {
         self.nr_bdev_inflight = self.nr_bdev_inflight.saturating_sub(1);
         let slot = done.tag as usize;
         self.io_done(slot, done);
-        let _ = self.flush_out();
     }
 }
 
