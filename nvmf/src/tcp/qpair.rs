@@ -833,14 +833,18 @@ impl Qpair {
         }
     }
 
-    /// The response is queued, not sent: the poll group polls every qpair of the reactor
-    /// each tick and `poll` sends what a tick's completions queued in one write (a write per
-    /// completion was one `sendto` per I/O). A completion makes the reactor's tick busy, so
-    /// an interrupt-mode reactor polls again before it sleeps.
+    /// While other I/O of this qpair is still in the bdev, the response is only queued: the
+    /// poll group polls every qpair each tick and `poll` sends what the tick's completions
+    /// queued in one write (a write per completion was one `sendto` per I/O, a third of the
+    /// QD128 throughput). The last one out sends at once, so a lone I/O (QD1) does not wait
+    /// for the next tick.
     fn on_bdev_done(&mut self, done: IoDone) {
         self.nr_bdev_inflight = self.nr_bdev_inflight.saturating_sub(1);
         let slot = done.tag as usize;
         self.io_done(slot, done);
+        if self.nr_bdev_inflight == 0 {
+            let _ = self.flush_out();
+        }
     }
 }
 
