@@ -111,4 +111,4 @@ pub use reactor::{
     RuntimeOptions, StopHandle,
 };
 pub use timer::{after, TimerHandle};
-pub use uring::{ring, Rejected, Ring};
+pub use uring::{arm_readiness, ring, Rejected, Ring};

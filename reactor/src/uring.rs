@@ -798,6 +798,25 @@ impl Drop for RingInner {
     }
 }
 
+/// Arms a one-shot readiness poll (`PollAdd`) of `fd` for `events` on the current reactor's
+/// ring, unless `armed` says one is pending already; `armed` turns false again when the poll
+/// completes. Sockets use it so that readiness wakes a sleeping reactor (interrupt mode) and
+/// so that an idle socket is not read every tick. Returns whether a poll is pending now.
+pub fn arm_readiness(fd: RawFd, events: u32, armed: &Rc<Cell<bool>>) -> bool {
+    if armed.get() {
+        return true;
+    }
+    let op = Op::PollAdd {
+        fd: Fd::Raw(fd),
+        events,
+    };
+    let flag = armed.clone();
+    let cb = OnComplete::closure(move |_| flag.set(false));
+    let ok = ring().submit(op, cb).is_ok();
+    armed.set(ok);
+    ok
+}
+
 /// A ring owned by the calling thread alone: completions run as task work only when this
 /// thread enters the kernel (`DEFER_TASKRUN`, with the `SQ_TASKRUN` flag telling the poll
 /// loop when an enter is due), so the kernel never interrupts a spinning reactor to post a

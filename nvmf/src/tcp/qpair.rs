@@ -770,26 +770,11 @@ impl Qpair {
         let want_out = self.wpos < self.wbuf.len();
         // While output is backed up, input is not read: waking for it would spin.
         let want_in = self.wbuf.len() < MAX_QUEUED_OUTPUT;
-        for (armed, events, wanted) in [
-            (
-                self.armed_in.clone(),
-                libc::POLLIN | libc::POLLRDHUP,
-                want_in,
-            ),
-            (self.armed_out.clone(), libc::POLLOUT, want_out),
-        ] {
-            if !wanted || armed.get() {
-                continue;
-            }
-            let op = reactor::Op::PollAdd {
-                fd: reactor::Fd::Raw(fd),
-                events: events as u32,
-            };
-            let a = armed.clone();
-            let cb = reactor::OnComplete::closure(move |_| a.set(false));
-            if reactor::ring().submit(op, cb).is_ok() {
-                armed.set(true);
-            }
+        if want_in {
+            reactor::arm_readiness(fd, (libc::POLLIN | libc::POLLRDHUP) as u32, &self.armed_in);
+        }
+        if want_out {
+            reactor::arm_readiness(fd, libc::POLLOUT as u32, &self.armed_out);
         }
     }
 
